@@ -1,0 +1,122 @@
+"""Defaults shared by every variant; each variant file overrides what differs.
+
+One flat ConfigDict: `--config.field=value` overrides any field. Fields whose default is "unset" use
+`placeholder(type)` so they can still be set from the command line.
+"""
+
+import os
+
+import ml_collections
+from ml_collections import config_dict
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.normpath(os.path.join(REPO_ROOT, '..', 'shared', 'data'))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  # --- Variant -------------------------------------------------------------------------------
+  c.variant = 'original'  # original | bert_mlm | gpt_causal | unilm_prefix (set by the file).
+
+  # --- Model ---------------------------------------------------------------------------------
+  c.d_model = 512  # Width of the residual stream.
+  c.num_heads = 8  # Attention heads; d_model must divide evenly.
+  c.num_layers = 6  # Layers of the encoder (or of the single stack).
+  c.num_decoder_layers = 6  # Layers of the decoder (encoder-decoder only).
+  c.d_ff = 2048  # Hidden units of the position-wise feed-forward network.
+  c.activation = 'relu'  # relu (the paper) | gelu.
+  c.dropout_rate = 0.1  # Dropout on embeddings and on every sublayer output before the residual add.
+  c.attention_dropout_rate = 0.0  # Dropout on attention probabilities.
+  c.pre_ln = False  # False: post-LN as in the paper; True: pre-LN with a final LayerNorm.
+  c.positional = 'sinusoidal'  # sinusoidal (the paper) | learned.
+  c.max_len = 256  # Longest sequence the model accepts (learned positions, decode caches).
+  c.share_embeddings = True  # Encoder and decoder share one token embedding (joint vocabulary).
+  c.tie_output = True  # Output projection is the transposed token embedding.
+  c.num_token_types = 0  # >0 adds segment (token-type) embeddings (bert_mlm, unilm_prefix).
+  c.dtype = 'float32'  # Compute dtype: float32 | bfloat16. Parameters stay float32.
+
+  # --- Data ----------------------------------------------------------------------------------
+  c.dataset = 'multi30k'  # multi30k | tiny_shakespeare | text (your own files, see text_* below).
+  c.raw_data_dir = SHARED_DATA if os.path.isdir(SHARED_DATA) else config_dict.placeholder(str)
+  # ^ Raw corpora; unset and absent locally -> download from the public source.
+  c.data_dir = os.path.join(REPO_ROOT, 'data')  # Prepared array_record data and tokenizers.
+  c.source_lang = 'de'  # Translation direction: source language.
+  c.target_lang = 'en'  # Translation direction: target language.
+  c.text_train_files = config_dict.placeholder(str)  # dataset=text: comma-separated train files
+  # (one example per line; for pairs give source and target files separated by ':').
+  c.text_eval_files = config_dict.placeholder(str)  # dataset=text: the same for validation.
+  c.tokenizer = 'sentencepiece'  # sentencepiece | char (character vocabulary).
+  c.vocab_size = 8000  # Sentencepiece vocabulary size (joint source+target for translation).
+  c.spm_model_type = 'bpe'  # Sentencepiece algorithm: bpe | unigram.
+  c.max_source_len = 64  # Source tokens kept (longer examples are filtered and counted).
+  c.max_target_len = 64  # Target tokens kept, before bos/eos.
+  c.block_size = 128  # Sequence length of language-model examples (gpt_causal, bert_mlm).
+  c.packing = False  # Pack several examples per row (segment ids + positions) instead of padding.
+  c.mlm_probability = 0.15  # Fraction of non-special tokens selected for the MLM loss.
+  c.mlm_max_predictions = 20  # At most this many selected tokens per sequence.
+  c.shuffle_buffer_seed = 0  # Seed of the data order (independent of the model seed).
+  c.worker_count = 0  # grain worker processes (0 = in the main process).
+
+  # --- Training ------------------------------------------------------------------------------
+  c.seed = 0  # Model initialisation and dropout seed.
+  c.batch_size = 64  # Global batch, in examples (sequences), summed over all processes.
+  c.num_train_steps = 1000  # Optimizer updates.
+  c.grad_accum_steps = 1  # Micro-batches per update; the schedule advances once per update.
+  c.optimizer = 'adamw'  # adamw (the paper's Adam plus optional decoupled weight decay).
+  c.learning_rate = 1.0  # Peak rate; for the 'rsqrt' schedule a multiplier of d_model^-0.5.
+  c.schedule = 'rsqrt'  # rsqrt (paper: d^-0.5 min(s^-0.5, s w^-1.5)) | cosine | constant.
+  c.warmup_steps = 4000  # Linear warmup steps.
+  c.b1 = 0.9  # Adam beta1.
+  c.b2 = 0.98  # Adam beta2 (paper).
+  c.eps = 1e-9  # Adam epsilon (paper).
+  c.weight_decay = 0.0  # Decoupled weight decay.
+  c.grad_clip_norm = 1.0  # Global-norm clipping (0 disables).
+  c.label_smoothing = 0.1  # Label smoothing epsilon (paper: 0.1).
+  c.on_nonfinite = 'stop'  # Non-finite loss or gradients: stop | skip (drop the update, count it).
+
+  # --- Mesh ----------------------------------------------------------------------------------
+  c.mesh_data = -1  # Devices on the data axis (-1 = all devices not used by other axes).
+  c.mesh_fsdp = 1  # Devices on the fsdp axis (parameters and optimizer state sharded).
+
+  # --- Evaluation, logging, checkpoints -------------------------------------------------------
+  c.log_every_steps = 50  # Train metrics to metrics.jsonl / TensorBoard / console.
+  c.eval_every_steps = 500  # Validation (and BLEU where it applies); also at the end.
+  c.eval_batch_size = 64  # Global eval batch.
+  c.max_eval_batches = config_dict.placeholder(int)  # Cap validation batches (unset = whole split).
+  c.bleu_max_sentences = 200  # Validation sentences decoded for BLEU during training (0 = skip).
+  c.decode_max_len = 64  # Longest generated continuation.
+  c.beam_size = 4  # Beam width for --mode=translate/eval (1 = greedy).
+  c.length_penalty = 0.6  # Beam length penalty alpha: ((5 + len) / 6) ** alpha.
+  c.temperature = 1.0  # Sampling temperature (0 = greedy).
+  c.top_k = 0  # Sample from the k most likely tokens (0 = all).
+  c.top_p = 1.0  # Nucleus sampling mass (1 = all).
+  c.checkpoint_every_steps = 500  # Asynchronous checkpoint period; also at the end.
+  c.max_checkpoints_to_keep = 3  # Most recent checkpoints kept (plus the best).
+  c.best_metric = 'eval_loss'  # Validation metric that selects the best checkpoint (lower = better).
+  return c
+
+
+def make_config(variant: str, overrides: dict, sizes: dict, size: str) -> ml_collections.ConfigDict:
+  """base_config() + the variant's overrides + the named size, checked and locked."""
+  if size not in sizes:
+    raise ValueError(f'Unknown size {size!r} for configs/{variant}.py; valid sizes: '
+                     f'{", ".join(sizes)} (use --config=configs/{variant}.py:SIZE).')
+  c = base_config()
+  c.variant = variant
+  c.update(overrides)
+  c.update(sizes[size])
+  c.size = size  # The named size this config was made from (for logs and tables).
+  c.lock()
+  return c
+
+
+# Sizes for tests and smoke runs: a few seconds on one CPU.
+TINY = dict(d_model=32, num_heads=2, num_layers=2, num_decoder_layers=2, d_ff=64, max_len=64,
+            vocab_size=500, max_source_len=24, max_target_len=24, block_size=32, batch_size=16,
+            eval_batch_size=32, num_train_steps=40, warmup_steps=10, log_every_steps=10,
+            eval_every_steps=40, checkpoint_every_steps=20, max_eval_batches=2,
+            bleu_max_sentences=16, decode_max_len=24, mlm_max_predictions=5)
+# The paper's base model.
+BASE = dict(d_model=512, num_heads=8, num_layers=6, num_decoder_layers=6, d_ff=2048,
+            dropout_rate=0.1, warmup_steps=4000, num_train_steps=100_000)

@@ -1,0 +1,20 @@
+"""original: the encoder-decoder Transformer of "Attention Is All You Need", for translation.
+
+Usage: --config=configs/original.py:SIZE with SIZE in tiny | small | base | big.
+"""
+
+from configs import common
+
+SIZES = dict(
+    tiny=common.TINY,
+    # CPU recipe: ~7.5 M parameters with the joint 8k vocabulary.
+    small=dict(d_model=256, num_heads=4, num_layers=3, num_decoder_layers=3, d_ff=1024,
+               batch_size=128, num_train_steps=4000, warmup_steps=800, eval_every_steps=1000),
+    base=common.BASE,
+    # The paper's big model (213 M parameters with a 37k vocabulary).
+    big=dict(common.BASE, d_model=1024, num_heads=16, d_ff=4096, dropout_rate=0.3),
+)
+
+
+def get_config(size: str = 'small'):
+  return common.make_config('original', {}, SIZES, size)

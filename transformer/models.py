@@ -1,0 +1,160 @@
+"""The two model shapes of the family; the four variants differ only in mask kind and head.
+
+  original      EncoderDecoder                           (bidirectional encoder, causal decoder)
+  bert_mlm      SingleStack(mask='bidirectional', head='mlm')
+  gpt_causal    SingleStack(mask='causal',        head='lm')
+  unilm_prefix  SingleStack(mask='prefix',        head='lm')
+
+Shape suffixes: B batch, S source length, T target length, L length, D width, V vocabulary.
+Inputs are int32 ids with 0 = padding. `deterministic=False` enables dropout (rng 'dropout').
+With `decode=True` the self-attention keys/values go through a cache ('cache' collection).
+"""
+
+from typing import Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from transformer import masks
+from transformer.attention import DecodeCursor, dense
+from transformer.layers import Embedder, ModelConfig, Stack, layer_norm
+
+Array = jnp.ndarray
+PAD_ID = 0
+
+def default_positions(ids_BxL: Array) -> Array:
+  return jnp.broadcast_to(jnp.arange(ids_BxL.shape[1]), ids_BxL.shape)
+
+
+class OutputHead(nn.Module):
+  """Hidden states -> vocabulary logits (float32), tied to the embedding or a separate matrix."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array, embedder: Embedder) -> Array:
+    if self.cfg.tie_output:
+      # Embedding entries have std D^-0.5, so logits of unit-variance states have unit scale.
+      logits = embedder.attend(x_BxLxD)
+    else:
+      logits = dense(self.cfg.vocab_size, ('embed', 'vocab'), self.cfg.dtype, 'logits',
+                     use_bias=False)(x_BxLxD)
+    return logits.astype(jnp.float32)
+
+
+class EncoderDecoder(nn.Module):
+  """The "Attention Is All You Need" Transformer."""
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.source_embedder = Embedder(cfg)
+    self.target_embedder = self.source_embedder if cfg.share_embeddings else Embedder(cfg)
+    self.encoder = Stack(cfg, cfg.num_layers)
+    self.decoder = Stack(cfg, cfg.num_decoder_layers, cross_attention=True)
+    self.output_head = OutputHead(cfg)
+    self.cursor = DecodeCursor('causal')  # Holds variables only when decoding.
+
+  def encode(self, inputs_BxS, inputs_positions_BxS=None, inputs_segment_ids_BxS=None, *,
+             deterministic=True) -> Array:
+    positions = (default_positions(inputs_BxS) if inputs_positions_BxS is None
+                 else inputs_positions_BxS)
+    x_BxSxD = self.source_embedder(inputs_BxS, positions, None, deterministic=deterministic)
+    mask = masks.self_attention_mask('bidirectional', inputs_BxS != PAD_ID,
+                                     segment_ids_BxL=inputs_segment_ids_BxS)
+    return self.encoder(x_BxSxD, mask, deterministic=deterministic)
+
+  def decode(self, encoded_BxSxD, inputs_BxS, decoder_inputs_BxT, decoder_positions_BxT=None,
+             inputs_segment_ids_BxS=None, decoder_segment_ids_BxT=None, *, deterministic=True,
+             decode=False) -> Array:
+    """Decoder logits [B, T, V]. With decode=True, T new tokens continue the cached prefix."""
+    valid_BxT = decoder_inputs_BxT != PAD_ID
+    cache_slot = None
+    if decode:
+      # Decoding starts at bos, so every generated token is real (valid) input.
+      cache_slot, positions, self_mask = self.cursor(jnp.ones_like(valid_BxT))
+    else:
+      positions = (default_positions(decoder_inputs_BxT) if decoder_positions_BxT is None
+                   else decoder_positions_BxT)
+      self_mask = masks.self_attention_mask('causal', valid_BxT,
+                                            segment_ids_BxL=decoder_segment_ids_BxT)
+    cross_mask = masks.cross_attention_mask(inputs_BxS != PAD_ID, decoder_segment_ids_BxT,
+                                            inputs_segment_ids_BxS)
+    y_BxTxD = self.target_embedder(decoder_inputs_BxT, positions, None,
+                                   deterministic=deterministic)
+    y_BxTxD = self.decoder(y_BxTxD, self_mask, encoded_BxSxD=encoded_BxSxD,
+                           cross_mask=cross_mask, deterministic=deterministic, decode=decode,
+                           cache_slot=cache_slot)
+    return self.output_head(y_BxTxD, self.target_embedder)
+
+  def __call__(self, inputs_BxS, decoder_inputs_BxT, *, inputs_positions=None,
+               inputs_segment_ids=None, decoder_positions=None, decoder_segment_ids=None,
+               deterministic=True) -> Array:
+    encoded_BxSxD = self.encode(inputs_BxS, inputs_positions, inputs_segment_ids,
+                                deterministic=deterministic)
+    return self.decode(encoded_BxSxD, inputs_BxS, decoder_inputs_BxT, decoder_positions,
+                       inputs_segment_ids, decoder_segment_ids, deterministic=deterministic)
+
+
+class MlmHead(nn.Module):
+  """BERT's MLM transform: dense + gelu + LayerNorm, then the tied embedding plus a bias."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array, embedder: Embedder) -> Array:
+    h_BxLxD = nn.gelu(dense(self.cfg.d_model, ('embed', 'mlp'), self.cfg.dtype, 'transform')(
+        x_BxLxD))
+    h_BxLxD = layer_norm('transform_norm', self.cfg.dtype)(h_BxLxD)
+    bias_V = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',)),
+                        (self.cfg.vocab_size,), jnp.float32)
+    return embedder.attend(h_BxLxD).astype(jnp.float32) + bias_V[None, None, :]
+
+
+class SingleStack(nn.Module):
+  """One Transformer stack over one sequence; `mask_kind` makes it BERT, GPT or UniLM."""
+  cfg: ModelConfig
+  mask_kind: str  # bidirectional | causal | prefix
+  head: str  # lm | mlm
+
+  def setup(self):
+    self.embedder = Embedder(self.cfg)
+    self.stack = Stack(self.cfg, self.cfg.num_layers)
+    self.output_head = MlmHead(self.cfg) if self.head == 'mlm' else OutputHead(self.cfg)
+    self.cursor = DecodeCursor(self.mask_kind)  # Holds variables only when decoding.
+
+  def __call__(self, inputs_BxL, *, positions=None, segment_ids=None, prefix_len=None,
+               token_types=None, deterministic=True, decode=False) -> Array:
+    """Logits [B, L, V]. prefix_len [B] (mask 'prefix') is the length of the bidirectional part.
+
+    With decode=True, the L new tokens continue the cached sequence; padding tokens in them
+    (e.g. between a padded prompt and its continuation) are never attended to and do not
+    advance positions.
+    """
+    valid_BxL = inputs_BxL != PAD_ID
+    cache_slot = None
+    if decode:
+      cache_slot, positions, mask = self.cursor(valid_BxL, prefix_len)
+    else:
+      positions = default_positions(inputs_BxL) if positions is None else positions
+      mask = masks.self_attention_mask(self.mask_kind, valid_BxL, prefix_len_B=prefix_len,
+                                       segment_ids_BxL=segment_ids)
+    x_BxLxD = self.embedder(inputs_BxL, positions, token_types, deterministic=deterministic)
+    x_BxLxD = self.stack(x_BxLxD, mask, deterministic=deterministic, decode=decode,
+                         cache_slot=cache_slot)
+    return self.output_head(x_BxLxD, self.embedder)
+
+
+# variant -> (model class, keyword arguments): the whole difference between the four variants.
+VARIANTS = {
+    'original': (EncoderDecoder, {}),
+    'bert_mlm': (SingleStack, dict(mask_kind='bidirectional', head='mlm')),
+    'gpt_causal': (SingleStack, dict(mask_kind='causal', head='lm')),
+    'unilm_prefix': (SingleStack, dict(mask_kind='prefix', head='lm')),
+}
+
+
+def build_model(config, vocab_size: int) -> nn.Module:
+  """The Flax module of config.variant, with vocab_size from the tokenizer."""
+  if config.variant not in VARIANTS:
+    raise ValueError(f'Unknown variant {config.variant!r}; expected one of {", ".join(VARIANTS)}')
+  model_class, kwargs = VARIANTS[config.variant]
+  return model_class(ModelConfig.from_config(config, vocab_size), **kwargs)
