@@ -57,6 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mlm_max_predictions = 20  # At most this many selected tokens per sequence.
   c.shuffle_buffer_seed = 0  # Seed of the data order (independent of the model seed).
   c.worker_count = 0  # grain worker processes (0 = in the main process).
+  c.lm_sides = config_dict.placeholder(str)  # LM variants on parallel data: comma-separated sides
+  # to read (multi30k: de,en; text: source,target); unset = all sides.
 
   # --- Training ------------------------------------------------------------------------------
   c.seed = 0  # Model initialisation and dropout seed.
@@ -78,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
   # --- Mesh ----------------------------------------------------------------------------------
   c.mesh_data = -1  # Devices on the data axis (-1 = all devices not used by other axes).
   c.mesh_fsdp = 1  # Devices on the fsdp axis (parameters and optimizer state sharded).
+  c.mesh_tensor = 1  # Devices on the tensor axis (attention heads and feed-forward units split).
 
   # --- Evaluation, logging, checkpoints -------------------------------------------------------
   c.log_every_steps = 50  # Train metrics to metrics.jsonl / TensorBoard / console.

@@ -1,0 +1,75 @@
+"""Evaluation of a model's parameters: validation loss/perplexity/accuracy, BLEU, samples.
+
+Used inside the training loop (periodic validation) and by `--mode=eval` (a split -> JSON).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from transformer import data, decode, metrics, objectives, sharding
+
+TRANSLATION_VARIANTS = ('original', 'unilm_prefix')
+
+
+def loss_metrics(exp, eval_fn, params, batches) -> dict:
+  """Token-weighted loss, NLL, perplexity and accuracy over `batches`."""
+  sums = None
+  for batch in batches:
+    out = eval_fn(params, sharding.global_batch(batch, exp.mesh))
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  return objectives.summarize(jax.device_get(sums))
+
+
+def encode_sources(tokenizer, sources: list[str], max_len: int) -> tuple[np.ndarray, int]:
+  """Source ids [N, max_len] (0-padded) and how many sources were truncated to fit."""
+  ids = np.zeros((len(sources), max_len), np.int32)
+  truncated = 0
+  for i, text in enumerate(sources):
+    tokens = tokenizer.encode(text)
+    truncated += len(tokens) > max_len
+    tokens = tokens[:max_len]
+    ids[i, :len(tokens)] = tokens
+  return ids, truncated
+
+
+def translate_texts(exp, params, sources: list[str], *, beam_size: int) -> list[str]:
+  """Detokenized translations of `sources`, in order, decoded in fixed-size batches."""
+  config, tokenizer = exp.config, exp.tokenizer
+  ids, truncated = encode_sources(tokenizer, sources, config.max_source_len)
+  if truncated:
+    logging.warning('%d of %d source sentences were longer than max_source_len=%d tokens and '
+                    'were truncated.', truncated, len(sources), config.max_source_len)
+  batch = config.eval_batch_size
+  outputs = []
+  for start in range(0, len(ids), batch):
+    chunk = ids[start:start + batch]
+    padded = np.zeros((batch, ids.shape[1]), np.int32)
+    padded[:len(chunk)] = chunk  # a fixed shape: one compilation for every batch
+    tokens = decode.translate(exp.model, params, jnp.asarray(padded),
+                              max_len=config.decode_max_len, beam_size=beam_size,
+                              length_penalty=config.length_penalty)
+    outputs.extend(tokenizer.decode(row) for row in np.asarray(tokens)[:len(chunk)])
+  return outputs
+
+
+def translation_scores(exp, params, split: str, *, beam_size: int,
+                       max_sentences: int | None = None) -> tuple[dict, list[str]]:
+  """sacreBLEU (cased, lowercased) and chrF of `split` translations, and the hypotheses."""
+  pairs = data.load_text_pairs(exp.config, split)[:max_sentences or None]
+  hypotheses = translate_texts(exp, params, [src for src, _ in pairs], beam_size=beam_size)
+  return metrics.corpus_scores(hypotheses, [ref for _, ref in pairs]), hypotheses
+
+
+def validation_metrics(exp, eval_fn, params) -> dict:
+  """The periodic validation of the training loop, as flat 'eval_*' metrics."""
+  config = exp.config
+  batches = exp.eval_batches[:config.max_eval_batches or None]
+  out = {f'eval_{k}': v for k, v in loss_metrics(exp, eval_fn, params, batches).items()}
+  if config.variant in TRANSLATION_VARIANTS and config.bleu_max_sentences:
+    scores, hypotheses = translation_scores(exp, params, 'validation', beam_size=1,
+                                            max_sentences=config.bleu_max_sentences)
+    out.update({f'eval_{k}': v for k, v in scores.items()})
+    out['eval_sample'] = hypotheses[0]
+  return out

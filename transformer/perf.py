@@ -1,0 +1,50 @@
+"""Analytic FLOPs of a train step and the measured matmul peak of this machine, for MFU."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def forward_flops(config, vocab_size: int, batch: dict) -> float:
+  """Matmul FLOPs of one forward pass over `batch`'s padded shapes (attention included).
+
+  Per token and layer: 2 * (4 D^2 + 2 D F) for the projections and feed-forward, plus
+  2 * 2 * K * D for the attention scores and weighted sum over K keys; cross-attention adds
+  2 * 4 D^2 and 4 * S * D; the output layer 2 * D * V per token.
+  """
+  d, f = config.d_model, config.d_ff
+  block = 2 * (4 * d * d + 2 * d * f)
+  if 'decoder_inputs' in batch:
+    b, s = batch['inputs'].shape
+    t = batch['decoder_inputs'].shape[1]
+    encoder = b * s * config.num_layers * (block + 4 * s * d)
+    decoder = b * t * config.num_decoder_layers * (block + 4 * t * d + 8 * d * d + 4 * s * d)
+    return float(encoder + decoder + b * t * 2 * d * vocab_size)
+  b, length = batch['inputs'].shape
+  return float(b * length * (config.num_layers * (block + 4 * length * d) + 2 * d * vocab_size))
+
+
+def train_step_flops(config, vocab_size: int, batch: dict) -> float:
+  """Forward + backward = 3 x forward (the backward pass costs twice the forward)."""
+  return 3.0 * forward_flops(config, vocab_size, batch)
+
+
+def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
+  """FLOP/s of large jitted matmuls, one per local device at once: the denominator of MFU.
+
+  Running on all devices together also gives the right answer for fake CPU devices, which share
+  the same cores.
+  """
+  devices = jax.local_devices()
+  mesh = jax.sharding.Mesh(devices, ('d',))
+  x = jax.device_put(jax.random.normal(jax.random.key(0), (len(devices), size, size), dtype),
+                     jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('d')))
+  matmul = jax.jit(lambda m: m @ m)
+  matmul(x).block_until_ready()  # compile
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * size ** 3 * len(devices) / best

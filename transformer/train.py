@@ -1,0 +1,287 @@
+"""Training and evaluation: pure jitted steps, and the loop that feeds them and saves the results.
+
+Data flows one way: config -> data -> model -> objective -> train step -> checkpoint / metrics.
+`train_step` and `eval_step` are pure functions of (state, batch); everything with side effects
+(input, logging, checkpoints) lives in `train_and_evaluate` and `evaluate`.
+"""
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from transformer import checkpoint, data, evaluate, models, objectives, optim, perf, sharding
+from transformer.writer import MetricWriter, log_progress
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # Train steps taken (batches consumed).
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # uint32[2] key data; dropout uses fold_in(rng, step).
+  nonfinite_steps: jax.Array  # Steps whose update was skipped for a non-finite loss or gradient.
+  first_nonfinite_step: jax.Array  # The first such step, or -1.
+
+
+def init_state(model, optimizer, batch: dict, seed: int) -> TrainState:
+  """A fresh state; its params are nn.Partitioned boxes (logical axes) for sharding decisions."""
+  init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
+  params = objectives.init_params(model, batch, init_rng)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params),
+                    rng=jax.random.key_data(dropout_rng),
+                    nonfinite_steps=jnp.zeros((), jnp.int32),
+                    first_nonfinite_step=jnp.full((), -1, jnp.int32))
+
+
+def split_microbatches(batch: dict, num_micro: int) -> dict:
+  """[B, ...] -> [k, B/k, ...]. Micro-batch j takes rows j, j+k, j+2k...: each device keeps its
+  own rows, so no data moves between devices."""
+  def split(x):
+    return jnp.moveaxis(x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]), 1, 0)
+  return jax.tree.map(split, batch)
+
+
+def train_step(state: TrainState, batch: dict, *, model, optimizer, config):
+  """One optimizer update over `batch` (accumulated over config.grad_accum_steps micro-batches).
+
+  Gradients are of the summed token loss, divided once by the total token weight: accumulating k
+  micro-batches is exactly one update on the k-times-larger batch.
+  Returns (new state, metrics: token sums plus grad_norm and learning_rate).
+  """
+  dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+  def micro_step(carry, micro_and_index):
+    grad_sum, metric_sum = carry
+    micro, index = micro_and_index
+
+    def loss_fn(params):
+      logits = objectives.forward(model, params, micro, deterministic=False,
+                                  rngs={'dropout': jax.random.fold_in(dropout_rng, index)})
+      return objectives.loss_and_metrics(logits, micro, config.label_smoothing)
+
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+    return (jax.tree.map(jnp.add, grad_sum, grads),
+            jax.tree.map(jnp.add, metric_sum, metrics)), None
+
+  num_micro = config.grad_accum_steps
+  zeros = (jax.tree.map(jnp.zeros_like, state.params),
+           {k: jnp.zeros((), jnp.float32) for k in ('loss', 'nll', 'accuracy', 'weight')})
+  (grad_sum, metrics), _ = jax.lax.scan(
+      micro_step, zeros, (split_microbatches(batch, num_micro), jnp.arange(num_micro)))
+  grads = jax.tree.map(lambda g: g / jnp.maximum(metrics['weight'], 1.0), grad_sum)
+  grad_norm = optax.global_norm(grads)
+
+  updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
+  keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  bad = jnp.logical_not(finite)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep_if_finite(new_params, state.params),
+      opt_state=keep_if_finite(new_opt_state, state.opt_state),
+      nonfinite_steps=state.nonfinite_steps + bad.astype(jnp.int32),
+      first_nonfinite_step=jnp.where(bad & (state.first_nonfinite_step < 0), state.step,
+                                     state.first_nonfinite_step))
+  updates_applied = state.step - state.nonfinite_steps  # the optimizer's schedule count
+  metrics = dict(metrics, grad_norm=grad_norm,
+                 learning_rate=optim.make_schedule(config)(updates_applied))
+  return new_state, metrics
+
+
+def eval_step(params, batch: dict, *, model, config) -> dict:
+  """Token sums of loss, NLL and accuracy on one batch (padding rows have weight 0)."""
+  logits = objectives.forward(model, params, batch, deterministic=True)
+  return objectives.loss_and_metrics(logits, batch, config.label_smoothing)[1]
+
+
+def _one_row(batch: dict) -> dict:
+  return jax.tree.map(lambda x: jnp.zeros((1, *x.shape[1:]), x.dtype), batch)
+
+
+def abstract_state(model, optimizer, config, example_batch: dict, mesh):
+  """(abstract unboxed state carrying shardings, state shardings), allocating nothing."""
+  example = _one_row(example_batch)
+  boxed = jax.eval_shape(lambda: init_state(model, optimizer, example, config.seed))
+  shardings = sharding.tree_shardings(boxed, mesh)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          nn.unbox(boxed), shardings)
+  return abstract, shardings
+
+
+def create_state(model, optimizer, config, example_batch: dict, shardings) -> TrainState:
+  """A fresh state, initialised directly into its shardings (never whole on one device)."""
+  example = _one_row(example_batch)
+  make = lambda: nn.unbox(init_state(model, optimizer, example, config.seed))
+  return jax.jit(make, out_shardings=shardings)()
+
+
+def jit_train_step(model, optimizer, config, mesh, state_shardings):
+  step = functools.partial(train_step, model=model, optimizer=optimizer, config=config)
+  return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+def jit_eval_step(model, config, mesh, params_shardings):
+  step = functools.partial(eval_step, model=model, config=config)
+  return jax.jit(step, in_shardings=(params_shardings, sharding.batch_sharding(mesh)))
+
+
+class Experiment:
+  """What a run is made of, built from its config: tokenizer, mesh, model, optimizer, eval data."""
+
+  def __init__(self, config):
+    if config.batch_size % config.grad_accum_steps:
+      raise ValueError(f'config.batch_size={config.batch_size} is not divisible by '
+                       f'config.grad_accum_steps={config.grad_accum_steps}')
+    self.config = config
+    self.tokenizer = data.get_tokenizer(config)
+    self.mesh = sharding.make_mesh(config)
+    self.model = models.build_model(config, self.tokenizer.vocab_size)
+    self.optimizer = optim.make_optimizer(config)
+    self.eval_batches = data.make_eval_batches(
+        config, self.tokenizer, 'validation', process_index=jax.process_index(),
+        process_count=jax.process_count())
+
+  def abstract_state(self):
+    return abstract_state(self.model, self.optimizer, self.config, self.eval_batches[0],
+                          self.mesh)
+
+
+def _summarize_train(metric_list: list[dict]) -> dict:
+  fetched = jax.device_get(metric_list)  # The only host sync: once per logging period.
+  sums = {k: sum(float(m[k]) for m in fetched) for k in ('loss', 'nll', 'accuracy', 'weight')}
+  out = {f'train_{k}': v for k, v in objectives.summarize(sums).items()}
+  out['grad_norm'] = float(np.mean([m['grad_norm'] for m in fetched]))
+  out['learning_rate'] = float(fetched[-1]['learning_rate'])
+  return out
+
+
+def _check_finite(state: TrainState, config) -> int:
+  """The number of skipped non-finite steps; raises under on_nonfinite='stop'."""
+  bad_steps, first = jax.device_get((state.nonfinite_steps, state.first_nonfinite_step))
+  if bad_steps and config.on_nonfinite == 'stop':
+    raise NonFiniteLossError(
+        f'Non-finite loss or gradient at step {int(first) + 1} ({int(bad_steps)} step(s) so '
+        'far). Its update was not applied and nothing after it was saved. Lower the learning '
+        'rate, or set --config.on_nonfinite=skip to skip such updates.')
+  return int(bad_steps)
+
+
+class _Throughput:
+  """Tokens/s, step time and MFU over a logging period (the first step's compile excluded)."""
+
+  def __init__(self, config, vocab_size: int):
+    self.config, self.vocab_size = config, vocab_size
+    self.peak_flops = perf.measure_matmul_peak()
+    self.reset()
+
+  def reset(self):
+    self.start, self.steps, self.tokens, self.flops = time.perf_counter(), 0, 0, 0.0
+
+  def add(self, local_batch: dict):
+    """Counts one step's real (non-padding) input tokens and analytic FLOPs, all processes."""
+    n = jax.process_count()
+    self.steps += 1
+    self.tokens += n * sum(int(np.count_nonzero(local_batch[k]))
+                           for k in ('inputs', 'decoder_inputs') if k in local_batch)
+    self.flops += n * perf.train_step_flops(self.config, self.vocab_size, local_batch)
+
+  def summary(self) -> dict:
+    elapsed = time.perf_counter() - self.start
+    return dict(tokens_per_s=self.tokens / elapsed, step_ms=1000 * elapsed / self.steps,
+                mfu=self.flops / elapsed / self.peak_flops)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains to config.num_train_steps updates (resuming from workdir), evaluating and saving.
+
+  Returns the last validation metrics.
+  """
+  if config.on_nonfinite not in ('stop', 'skip'):
+    raise ValueError(f'config.on_nonfinite must be stop or skip, got {config.on_nonfinite!r}')
+  exp = Experiment(config)
+  train_iter = data.make_train_iterator(config, exp.tokenizer, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+  abstract, shardings = exp.abstract_state()
+  ckpt = checkpoint.Checkpointer(workdir, config, exp.tokenizer.vocab_size)
+  state, start_step = ckpt.restore(abstract, train_iter)  # refuses a differently shaped model
+  if state is None:
+    state = create_state(exp.model, exp.optimizer, config, exp.eval_batches[0], shardings)
+  else:
+    logging.info('Resumed from %s at step %d.', ckpt.directory, start_step)
+  writer = MetricWriter(workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+      json.dump(config.to_dict(), f, indent=2)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info('%s:%s, %s parameters, mesh %s', config.variant, config.size,
+               f'{num_params:,}', dict(exp.mesh.shape))
+
+  step_fn = jit_train_step(exp.model, exp.optimizer, config, exp.mesh, shardings)
+  eval_fn = jit_eval_step(exp.model, config, exp.mesh, shardings.params)
+  throughput = _Throughput(config, exp.tokenizer.vocab_size)
+  pending, last_eval = [], {}
+  for step in range(start_step, config.num_train_steps):
+    local_batch = next(train_iter)
+    state, metrics = step_fn(state, sharding.global_batch(local_batch, exp.mesh))
+    if step == start_step:
+      jax.block_until_ready(state)
+      logging.info('First step (compilation included) took %.1f s.',
+                   time.perf_counter() - throughput.start)
+      throughput.reset()
+    else:
+      throughput.add(local_batch)
+    pending.append(metrics)
+    done = step + 1
+    is_last = done == config.num_train_steps
+    if done % config.log_every_steps == 0 or is_last:
+      summary = _summarize_train(pending)
+      if throughput.steps:
+        summary.update(throughput.summary())
+      summary['nonfinite_steps'] = _check_finite(state, config)
+      writer.write(done, summary)
+      log_progress(done, config.num_train_steps, summary)
+      pending = []
+      throughput.reset()
+    eval_metrics = None
+    if done % config.eval_every_steps == 0 or is_last:
+      eval_metrics = evaluate.validation_metrics(exp, eval_fn, state.params)
+      writer.write(done, eval_metrics)
+      logging.info('eval at step %d: %s', done, _format(eval_metrics))
+      last_eval = eval_metrics
+    if done % config.checkpoint_every_steps == 0 or is_last or eval_metrics:
+      _check_finite(state, config)  # never save after a non-finite step under 'stop'
+      ckpt.save(done, state, train_iter, metrics=_numeric(eval_metrics))
+    if eval_metrics or done % config.checkpoint_every_steps == 0:
+      throughput.reset()  # evaluation and saving are not training time
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  return last_eval
+
+
+def _numeric(metrics):
+  if not metrics:
+    return None
+  return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def _format(metrics: dict) -> str:
+  return ', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}'
+                   for k, v in metrics.items())
