@@ -1,0 +1,334 @@
+"""grain input pipelines, one per objective, yielding numpy batches of fixed shapes.
+
+Each objective (translation, causal_lm, masked_lm, prefix_lm) says how to turn a split into token-id
+examples, an example into unpadded features, and how long each feature is padded; two shared
+functions turn that into batches:
+- make_train_iterator: infinite, reshuffled every epoch (seeded), this process's disjoint shard,
+  checkpointable with get_state()/set_state().
+- make_eval_batches: a whole split once, in order, nothing dropped (too long -> truncated, the
+  last batch padded with weight-0 rows).
+Ids are int32, weights float32. Splits are tokenized once, in memory, so that exact counts of
+skipped and too-long examples can be logged.
+"""
+
+import dataclasses
+import functools
+from typing import Callable
+
+from absl import logging
+import grain
+import numpy as np
+
+from transformer.data import builders
+from transformer.data.tokenizer import (BOS_ID, CLS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, SEP_ID,
+                                        Tokenizer)
+
+Example = tuple[np.ndarray, ...]  # Token ids of one example: (source, target), (tokens,), ...
+Features = dict[str, np.ndarray]
+
+
+# --- Text of a split -----------------------------------------------------------------------------
+
+def _translation_fields(config) -> tuple[str, str]:
+  """The (source, target) features of the prepared parallel dataset."""
+  if config.dataset == 'multi30k':
+    langs = builders.MULTI30K_LANGS
+    if config.source_lang not in langs or config.target_lang not in langs or (
+        config.source_lang == config.target_lang):
+      raise ValueError(f'multi30k translates between {" and ".join(langs)}; got source_lang='
+                       f'{config.source_lang!r}, target_lang={config.target_lang!r}.')
+    return config.source_lang, config.target_lang
+  if config.dataset == 'text' and builders.get_builder(config).builder_config.parallel:
+    return 'source', 'target'
+  raise ValueError(f'{config.variant} needs parallel data (multi30k, or dataset=text with '
+                   f'source:target file pairs); {config.dataset} is monolingual.')
+
+
+def load_text_pairs(config, split: str) -> list[tuple[str, str]]:
+  """Stripped raw (source, target) strings of a translation split, in file order."""
+  source, target = _translation_fields(config)
+  return [(e[source], e[target]) for e in builders.load_split(config, split)]
+
+
+def load_texts(config, split: str) -> list[str]:
+  """Monolingual texts of a split: each side (or config.lm_sides) of parallel data, one by one."""
+  examples = builders.load_split(config, split)
+  sides = sorted(examples[0])
+  if config.lm_sides:
+    requested = [s.strip() for s in config.lm_sides.split(',')]
+    if not set(requested) <= set(sides):
+      raise ValueError(f'lm_sides={config.lm_sides!r}: {config.dataset} has sides {sides}.')
+    sides = requested
+  return [e[side] for side in sides for e in examples]
+
+
+def _encode(tokenizer: Tokenizer, text: str, *suffix: int) -> np.ndarray:
+  return np.asarray(tokenizer.encode(text) + list(suffix), np.int32)
+
+
+def _fit(examples: list[Example], max_lens: tuple[int, ...], train: bool, what: str
+         ) -> list[Example]:
+  """Train: drops examples with a part longer than its max length; eval: truncates. Logs counts."""
+  total = len(examples)
+  too_long = sum(any(len(p) > n for p, n in zip(e, max_lens)) for e in examples)
+  if train:
+    examples = [e for e in examples if all(len(p) <= n for p, n in zip(e, max_lens))]
+  else:
+    examples = [tuple(p[:n] for p, n in zip(e, max_lens)) for e in examples]
+  logging.info('%s: %s %d of %d examples longer than %s tokens.', what,
+               'dropped' if train else 'truncated', too_long, total, max_lens)
+  if not examples:
+    raise ValueError(f'{what}: no examples left (all {too_long} longer than {max_lens} tokens).')
+  return examples
+
+
+# --- Objectives ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """How one training objective makes batches."""
+  examples: Callable[[str, bool], list[Example]]  # (split, train) -> token-id examples.
+  features: Callable[..., Features]  # (example, rng) -> unpadded features (rng: masking only).
+  lengths: dict[str, int]  # Padded length of each sequence feature; others are scalars.
+  packed: dict[str, str] = dataclasses.field(default_factory=dict)  # Packing: feature whose
+  # segments are numbered -> prefix of its '_segment_ids' / '_positions' outputs.
+  random: bool = False  # features() draws from rng (fresh every epoch).
+
+
+def _pair_examples(config, tokenizer, split: str, train: bool) -> list[Example]:
+  pairs = [(_encode(tokenizer, source), _encode(tokenizer, target))
+           for source, target in load_text_pairs(config, split)]
+  return _fit(pairs, (config.max_source_len, config.max_target_len), train,
+              f'{config.dataset} {split}')
+
+
+def translation(config, tokenizer: Tokenizer) -> Objective:
+  """Enc-dec: inputs [S] = source; decoder_inputs [T+1] = bos+target, targets = target+eos."""
+
+  def features(example, rng=None):
+    del rng
+    source, target = example
+    return {'inputs': source, 'decoder_inputs': np.concatenate([[BOS_ID], target]),
+            'targets': np.concatenate([target, [EOS_ID]]),
+            'weights': np.ones(len(target) + 1, np.float32)}
+
+  decoder_len = config.max_target_len + 1
+  return Objective(
+      examples=functools.partial(_pair_examples, config, tokenizer), features=features,
+      lengths=dict(inputs=config.max_source_len, decoder_inputs=decoder_len, targets=decoder_len,
+                   weights=decoder_len),
+      packed={'inputs': 'inputs', 'decoder_inputs': 'decoder'})
+
+
+def prefix_lm(config, tokenizer: Tokenizer) -> Objective:
+  """One stack on seq = source + bos + target + eos: inputs = seq[:-1], targets = seq[1:] [S+T+1].
+
+  prefix_len = len(source): the bidirectional part; loss (weights) and token_types 1 from there on.
+  """
+
+  def features(example, rng=None):
+    del rng
+    source, target = example
+    seq = np.concatenate([source, [BOS_ID], target, [EOS_ID]])
+    in_target = np.arange(len(seq) - 1) >= len(source)
+    return {'inputs': seq[:-1], 'targets': seq[1:], 'weights': in_target.astype(np.float32),
+            'token_types': in_target.astype(np.int32), 'prefix_len': np.int32(len(source))}
+
+  length = config.max_source_len + config.max_target_len + 1
+  return Objective(examples=functools.partial(_pair_examples, config, tokenizer),
+                   features=features,
+                   lengths=dict(inputs=length, targets=length, weights=length, token_types=length))
+
+
+def causal_lm(config, tokenizer: Tokenizer) -> Objective:
+  """Windows of block_size+1 contiguous tokens of the split's text: inputs/targets [block_size].
+
+  The text is all examples in order: running text as is, sentences each followed by eos. Windows
+  start every block_size tokens; train keeps full windows, eval pads the last one (weights 0).
+  """
+
+  def examples(split, train):
+    suffix = () if config.dataset in builders.RUNNING_TEXT_DATASETS else (EOS_ID,)
+    texts = load_texts(config, split)
+    stream = np.concatenate([_encode(tokenizer, text, *suffix) for text in texts])
+    size = config.block_size
+    windows = [stream[start:start + size + 1] for start in range(0, len(stream) - 1, size)]
+    if train:
+      windows = [w for w in windows if len(w) == size + 1]
+    if not windows:
+      raise ValueError(f'{config.dataset} {split}: {len(stream)} tokens, fewer than block_size+1 '
+                       f'= {size + 1}.')
+    return windows
+
+  def features(window, rng=None):
+    del rng
+    return {'inputs': window[:-1], 'targets': window[1:],
+            'weights': np.ones(len(window) - 1, np.float32)}
+
+  size = config.block_size
+  return Objective(examples=examples, features=features,
+                   lengths=dict(inputs=size, targets=size, weights=size))
+
+
+def mask_tokens(tokens: np.ndarray, rng: np.random.Generator, *, vocab_size: int,
+                probability: float, max_predictions: int) -> tuple[np.ndarray, np.ndarray]:
+  """BERT masking of tokens [L] -> (inputs [L], weights [L] = 1.0 at the selected positions).
+
+  Selects `probability` of the non-special tokens (stochastic rounding keeps the rate exact even for
+  short sequences), at most max_predictions; of those 80% -> mask, 10% -> a random non-special
+  token, 10% unchanged.
+  """
+  candidates = np.flatnonzero(tokens >= NUM_SPECIAL)
+  count = min(max_predictions, int(probability * len(candidates) + rng.random()))
+  selected = rng.choice(candidates, count, replace=False)
+  action = rng.random(count)
+  inputs = tokens.copy()
+  inputs[selected[action < 0.8]] = MASK_ID
+  randomized = selected[(action >= 0.8) & (action < 0.9)]
+  inputs[randomized] = rng.integers(NUM_SPECIAL, vocab_size, len(randomized))
+  weights = np.zeros(len(tokens), np.float32)
+  weights[selected] = 1.0
+  return inputs, weights
+
+
+def masked_lm(config, tokenizer: Tokenizer) -> Objective:
+  """inputs [block_size] = cls + tokens + sep, masked; targets = the original ids; token_types 0."""
+
+  def examples(split, train):
+    lines = [text.strip() for text in load_texts(config, split)]  # Running text: one per line.
+    texts = [line for line in lines if line]
+    if len(texts) < len(lines):
+      logging.info('%s %s: skipped %d empty lines of %d.', config.dataset, split,
+                   len(lines) - len(texts), len(lines))
+    return _fit([(_encode(tokenizer, text),) for text in texts], (config.block_size - 2,), train,
+                f'{config.dataset} {split}')
+
+  def features(example, rng):
+    tokens = np.concatenate([[CLS_ID], example[0], [SEP_ID]]).astype(np.int32)
+    inputs, weights = mask_tokens(tokens, rng, vocab_size=tokenizer.vocab_size,
+                                  probability=config.mlm_probability,
+                                  max_predictions=config.mlm_max_predictions)
+    return {'inputs': inputs, 'targets': tokens, 'weights': weights,
+            'token_types': np.zeros(len(tokens), np.int32)}
+
+  size = config.block_size
+  return Objective(examples=examples, features=features,
+                   lengths=dict(inputs=size, targets=size, weights=size, token_types=size),
+                   packed={'inputs': ''}, random=True)
+
+
+OBJECTIVES = {'original': translation, 'unilm_prefix': prefix_lm, 'gpt_causal': causal_lm,
+              'bert_mlm': masked_lm}
+
+
+def get_objective(config, tokenizer: Tokenizer) -> Objective:
+  if config.variant not in OBJECTIVES:
+    raise ValueError(f'Unknown variant {config.variant!r}: {", ".join(OBJECTIVES)}.')
+  objective = OBJECTIVES[config.variant](config, tokenizer)
+  if config.packing and not objective.packed:
+    raise ValueError(f'packing applies to original and bert_mlm, not {config.variant}.')
+  return objective
+
+
+# --- Shared batching -----------------------------------------------------------------------------
+
+def _collate(rows: list[Features], lengths: dict[str, int], num_rows: int | None = None,
+             keys=None) -> Features:
+  """Stacks rows into a batch, padding sequences with 0 to lengths[key] and missing rows with 0.
+
+  Ids become int32, weights float32; features not in lengths are scalars -> shape [num_rows].
+  """
+  num_rows = len(rows) if num_rows is None else num_rows
+  batch = {}
+  for key in (rows[0] if keys is None else keys):
+    dtype = np.float32 if key == 'weights' else np.int32
+    if key in lengths:
+      batch[key] = np.zeros((num_rows, lengths[key]), dtype)
+      for i, row in enumerate(rows):
+        batch[key][i, :len(row[key])] = row[key]
+    else:
+      batch[key] = np.zeros(num_rows, dtype)
+      batch[key][:len(rows)] = [row[key] for row in rows]
+  return batch
+
+
+def _rename_packed(batch: Features, packed: dict[str, str]) -> Features:
+  """grain's '<feature>_segment_ids' / '_positions' -> this project's names."""
+  for feature, prefix in packed.items():
+    for suffix in ('segment_ids', 'positions'):
+      batch[f'{prefix}_{suffix}' if prefix else suffix] = batch.pop(f'{feature}_{suffix}')
+  return batch
+
+
+def _per_process(global_size: int, process_count: int, name: str) -> int:
+  if global_size % process_count:
+    raise ValueError(f'{name}={global_size} is not divisible by process_count={process_count}.')
+  return global_size // process_count
+
+
+def make_train_iterator(config, tokenizer: Tokenizer, *, process_index: int = 0,
+                        process_count: int = 1) -> grain.DatasetIterator:
+  """Infinite iterator of this process's batches (config.batch_size // process_count rows).
+
+  Each process reads a disjoint shard of the train split; the order depends only on
+  config.shuffle_buffer_seed (reshuffled every epoch); get_state()/set_state() resume exactly.
+  """
+  objective = get_objective(config, tokenizer)
+  batch_size = _per_process(config.batch_size, process_count, 'batch_size')
+  examples = objective.examples('train', True)
+  usable = len(examples) - len(examples) % process_count  # Equal shards: lockstep epochs.
+  ds = grain.MapDataset.source(examples)[process_index:usable:process_count]
+  ds = ds.shuffle(seed=config.shuffle_buffer_seed).repeat()  # The shuffle reseeds each epoch.
+  if objective.random:  # The rng depends on the position in the stream: fresh masks each epoch.
+    ds = ds.random_map(objective.features, seed=_process_seed(config, process_index))
+  else:
+    ds = ds.map(objective.features)
+  lengths = dict(objective.lengths)
+  if not config.packing:  # Batches by index: worker processes each make whole batches, in order.
+    ds = ds.batch(batch_size, batch_fn=functools.partial(_collate, lengths=lengths))
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0))  # Threads only add contention here.
+  if config.worker_count > 0:  # Round-robin over index slices: the order stays the same.
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
+  if config.packing:  # batch_size bins are filled first-fit, then emitted together as one batch.
+    ds = grain.experimental.FirstFitPackIterDataset(
+        ds, length_struct=objective.lengths, num_packing_bins=batch_size, shuffle_bins=False,
+        meta_features=[k for k in objective.lengths if k not in objective.packed])
+    lengths.update({f'{k}_{s}': lengths[k] for k in objective.packed
+                    for s in ('segment_ids', 'positions')})
+    ds = ds.batch(batch_size, drop_remainder=True,
+                  batch_fn=functools.partial(_collate, lengths=lengths))
+    ds = ds.map(functools.partial(_rename_packed, packed=objective.packed))
+  return iter(ds)
+
+
+def _process_seed(config, process_index: int) -> int:
+  """Masking seed: from the data seed, distinct per process (different data, different masks)."""
+  sequence = np.random.SeedSequence([config.shuffle_buffer_seed, process_index])
+  return int(sequence.generate_state(1)[0])
+
+
+def make_eval_batches(config, tokenizer: Tokenizer, split: str = 'validation', *,
+                      process_index: int = 0, process_count: int = 1) -> list[Features]:
+  """The whole split once, in order: this process's rows of each global batch.
+
+  Global batch b holds examples [b*G, (b+1)*G) (G = config.eval_batch_size); process p gets rows
+  [p*G/P, (p+1)*G/P) of it, so concatenating the processes' batches restores the order. Too-long
+  examples are truncated; missing rows at the end are padding with weights 0.
+  """
+  objective = get_objective(config, tokenizer)
+  batch_size = _per_process(config.eval_batch_size, process_count, 'eval_batch_size')
+  examples = objective.examples(split, False)
+
+  def row(index: int) -> Features:
+    # Masking (bert_mlm) is seeded by the example's index: the same masks at every evaluation.
+    return objective.features(examples[index], np.random.default_rng([config.shuffle_buffer_seed,
+                                                                       index]))
+
+  keys = list(row(0))
+  global_batch = batch_size * process_count
+  batches = []
+  for start in range(0, len(examples), global_batch):
+    first = start + process_index * batch_size
+    rows = [row(i) for i in range(first, min(first + batch_size, len(examples)))]
+    batches.append(_collate(rows, objective.lengths, batch_size, keys))
+  return batches
