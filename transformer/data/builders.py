@@ -15,8 +15,6 @@ skipped and the count is logged. Examples keep the raw file order (shuffling hap
 import dataclasses
 import hashlib
 import os
-import socket
-import urllib.parse
 import urllib.request
 
 from absl import logging
@@ -97,9 +95,7 @@ def _sha256(path) -> str:
 
 def _check_reachable(url: str, timeout_s: float = 10.0):
   """Fails fast when offline (the download manager retries for minutes before giving up)."""
-  if urllib.request.getproxies():
-    return  # A proxy may be the only route out; let the download itself try.
-  socket.create_connection((urllib.parse.urlparse(url).hostname, 443), timeout=timeout_s).close()
+  urllib.request.urlopen(urllib.request.Request(url, method='HEAD'), timeout=timeout_s).close()
 
 
 def locate_raw_files(dataset: str, folder: str, raw_data_dir: str | None, urls: dict[str, str],
