@@ -1,10 +1,11 @@
 """Bad input gives a clear error naming the file; empty lines are skipped and counted."""
 
 import logging
+import os
 
 import pytest
 
-from configs import bert_mlm, gpt_causal, original
+from configs import bert_mlm, common, gpt_causal, original
 from transformer import data
 from transformer.data import builders
 
@@ -52,19 +53,26 @@ def test_missing_text_file(tmp_path):
     builders.prepare(text_config(bert_mlm, tmp_path, str(tmp_path / 'nowhere.txt')))
 
 
+def offline(url, timeout_s=10.0):
+  raise OSError(f'{url} unreachable (simulated)')
+
+
 @pytest.mark.parametrize('dataset', ['multi30k', 'tiny_shakespeare'])
-def test_missing_raw_directory_says_where_it_looked_and_how_to_fix(tmp_path, dataset):
+def test_missing_raw_directory_says_where_it_looked_and_how_to_fix(tmp_path, monkeypatch,
+                                                                   dataset):
+  monkeypatch.setattr(builders, '_check_reachable', offline)  # Whether or not there is a network.
   config = original.get_config('tiny') if dataset == 'multi30k' else gpt_causal.get_config('tiny')
   config.data_dir = str(tmp_path / 'prepared')
   config.raw_data_dir = str(tmp_path / 'no_such_raw_dir')
   with pytest.raises(FileNotFoundError) as error:
-    builders.prepare(config)  # No network here: the download fails too, quickly.
+    builders.prepare(config)
   message = str(error.value)
   assert config.raw_data_dir in message and 'no such directory' in message
   assert '--config.raw_data_dir=DIR' in message and 'https://raw.githubusercontent.com' in message
 
 
-def test_raw_directory_with_missing_files_lists_them(tmp_path):
+def test_raw_directory_with_missing_files_lists_them(tmp_path, monkeypatch):
+  monkeypatch.setattr(builders, '_check_reachable', offline)
   raw = tmp_path / 'raw'
   (raw / 'multi30k').mkdir(parents=True)
   write(raw / 'multi30k' / 'train.de', 'Hallo\n')
@@ -130,3 +138,29 @@ def test_raw_dir_may_hold_the_files_directly(tmp_path):
   for split, expected in (('train', text[:int(0.9 * len(text))]),
                           ('validation', text[int(0.9 * len(text)):])):
     assert ''.join(e['text'] for e in builders.load_split(config, split)) == expected
+
+
+class FakeDownloadManager:
+  """Stands in for tfds' download manager: 'downloads' are local files."""
+
+  def __init__(self, files: dict[str, str]):
+    self.files = files
+
+  def download_and_extract(self, urls: dict[str, str]) -> dict[str, str]:
+    return {name: self.files[name] for name in urls}
+
+
+def test_downloads_are_verified_against_checksums(tmp_path, monkeypatch):
+  monkeypatch.setattr(builders, '_check_reachable', lambda url, timeout_s=10.0: None)
+  urls = {'input.txt': builders.SHAKESPEARE_URL}
+  good = os.path.join(common.SHARED_DATA, 'tinyshakespeare', 'input.txt')
+  if os.path.exists(good):
+    assert builders.locate_raw_files('tiny_shakespeare', 'tinyshakespeare', None, urls,
+                                     builders.SHAKESPEARE_SHA256,
+                                     FakeDownloadManager({'input.txt': good})) == {
+                                         'input.txt': good}
+  tampered = write(tmp_path / 'input.txt', 'First Citizen:\nBefore we proceed\n')
+  with pytest.raises(FileNotFoundError, match=r'checksum mismatch for https://raw\.github'):
+    builders.locate_raw_files('tiny_shakespeare', 'tinyshakespeare', None, urls,
+                              builders.SHAKESPEARE_SHA256,
+                              FakeDownloadManager({'input.txt': tampered}))
