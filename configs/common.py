@@ -84,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- Evaluation, logging, checkpoints -------------------------------------------------------
   c.log_every_steps = 50  # Train metrics to metrics.jsonl / TensorBoard / console.
+  c.peak_flops = config_dict.placeholder(float)  # Peak FLOP/s for MFU (unset = measured at start).
   c.eval_every_steps = 500  # Validation (and BLEU where it applies); also at the end.
   c.eval_batch_size = 64  # Global eval batch.
   c.max_eval_batches = config_dict.placeholder(int)  # Cap validation batches (unset = whole split).

@@ -8,6 +8,7 @@ Data flows one way: config -> data -> model -> objective -> train step -> checkp
 import functools
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -84,7 +85,7 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, config):
   (grad_sum, metrics), _ = jax.lax.scan(
       micro_step, zeros, (split_microbatches(batch, num_micro), jnp.arange(num_micro)))
   grads = jax.tree.map(lambda g: g / jnp.maximum(metrics['weight'], 1.0), grad_sum)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
 
   updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
@@ -188,7 +189,7 @@ class _Throughput:
 
   def __init__(self, config, vocab_size: int):
     self.config, self.vocab_size = config, vocab_size
-    self.peak_flops = perf.measure_matmul_peak()
+    self.peak_flops = config.peak_flops or perf.measure_matmul_peak()
     self.reset()
 
   def reset(self):
@@ -208,10 +209,35 @@ class _Throughput:
                 mfu=self.flops / elapsed / self.peak_flops)
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+class _PreemptionFlag:
+  """SIGTERM -> finish the current step, save, exit cleanly.
+
+  Several processes must stop at the same step: JAX's preemption sync point (through orbax)
+  decides there; a single process just reads its own signal flag.
+  """
+
+  def __enter__(self):
+    self.received = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc_info):
+    signal.signal(signal.SIGTERM, self._previous)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.received = True
+
+  def reached(self, step: int, ckpt: checkpoint.Checkpointer) -> bool:
+    if jax.process_count() > 1:
+      return ckpt.manager.reached_preemption(step)
+    return self.received
+
+
+def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict]:
   """Trains to config.num_train_steps updates (resuming from workdir), evaluating and saving.
 
-  Returns the last validation metrics.
+  Returns the final state and the last validation metrics.
   """
   if config.on_nonfinite not in ('stop', 'skip'):
     raise ValueError(f'config.on_nonfinite must be stop or skip, got {config.on_nonfinite!r}')
@@ -237,43 +263,48 @@ def train_and_evaluate(config, workdir: str) -> dict:
   eval_fn = jit_eval_step(exp.model, config, exp.mesh, shardings.params)
   throughput = _Throughput(config, exp.tokenizer.vocab_size)
   pending, last_eval = [], {}
-  for step in range(start_step, config.num_train_steps):
-    local_batch = next(train_iter)
-    state, metrics = step_fn(state, sharding.global_batch(local_batch, exp.mesh))
-    if step == start_step:
-      jax.block_until_ready(state)
-      logging.info('First step (compilation included) took %.1f s.',
-                   time.perf_counter() - throughput.start)
-      throughput.reset()
-    else:
-      throughput.add(local_batch)
-    pending.append(metrics)
-    done = step + 1
-    is_last = done == config.num_train_steps
-    if done % config.log_every_steps == 0 or is_last:
-      summary = _summarize_train(pending)
-      if throughput.steps:
-        summary.update(throughput.summary())
-      summary['nonfinite_steps'] = _check_finite(state, config)
-      writer.write(done, summary)
-      log_progress(done, config.num_train_steps, summary)
-      pending = []
-      throughput.reset()
-    eval_metrics = None
-    if done % config.eval_every_steps == 0 or is_last:
-      eval_metrics = evaluate.validation_metrics(exp, eval_fn, state.params)
-      writer.write(done, eval_metrics)
-      logging.info('eval at step %d: %s', done, _format(eval_metrics))
-      last_eval = eval_metrics
-    if done % config.checkpoint_every_steps == 0 or is_last or eval_metrics:
-      _check_finite(state, config)  # never save after a non-finite step under 'stop'
-      ckpt.save(done, state, train_iter, metrics=_numeric(eval_metrics))
-    if eval_metrics or done % config.checkpoint_every_steps == 0:
-      throughput.reset()  # evaluation and saving are not training time
+  with _PreemptionFlag() as preempted:
+    for step in range(start_step, config.num_train_steps):
+      local_batch = next(train_iter)
+      state, metrics = step_fn(state, sharding.global_batch(local_batch, exp.mesh))
+      if step == start_step:
+        jax.block_until_ready(state)
+        logging.info('First step (compilation included) took %.1f s.',
+                     time.perf_counter() - throughput.start)
+        throughput.reset()
+      else:
+        throughput.add(local_batch)
+      pending.append(metrics)
+      done = step + 1
+      is_last = done == config.num_train_steps
+      if done % config.log_every_steps == 0 or is_last:
+        summary = _summarize_train(pending)
+        if throughput.steps:
+          summary.update(throughput.summary())
+        summary['nonfinite_steps'] = _check_finite(state, config)
+        writer.write(done, summary)
+        log_progress(done, config.num_train_steps, summary)
+        pending = []
+        throughput.reset()
+      eval_metrics = None
+      if done % config.eval_every_steps == 0 or is_last:
+        eval_metrics = evaluate.validation_metrics(exp, eval_fn, state.params)
+        writer.write(done, eval_metrics)
+        logging.info('eval at step %d: %s', done, _format(eval_metrics))
+        last_eval = eval_metrics
+      stop = not is_last and preempted.reached(done, ckpt)
+      if stop:
+        logging.warning('Preempted (SIGTERM): saving step %d and exiting; rerun to resume.', done)
+      if done % config.checkpoint_every_steps == 0 or is_last or eval_metrics or stop:
+        _check_finite(state, config)  # never save after a non-finite step under 'stop'
+        ckpt.save(done, state, train_iter, metrics=_numeric(eval_metrics))
+        throughput.reset()  # evaluation and saving are not training time
+      if stop:
+        break
   ckpt.wait()
   ckpt.close()
   writer.close()
-  return last_eval
+  return state, last_eval
 
 
 def _numeric(metrics):

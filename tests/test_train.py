@@ -1,0 +1,118 @@
+"""Train step: sharded == single-device, accumulation == big batch, schedule, overfitting."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import bert_mlm, gpt_causal, original, unilm_prefix
+from transformer import models, optim, sharding, train
+
+VOCAB = 40
+CONFIGS = {'original': original, 'bert_mlm': bert_mlm, 'gpt_causal': gpt_causal,
+           'unilm_prefix': unilm_prefix}
+
+
+def tiny(variant, **overrides):
+  config = CONFIGS[variant].get_config('tiny')
+  config.update(dict(dropout_rate=0.0), **overrides)
+  return config
+
+
+def synthetic_batch(variant, batch_size=8, length=12, seed=0):
+  """A fixed batch in the pipelines' format, with some padding so the masks matter."""
+  rng = np.random.default_rng(seed)
+  ids = lambda: rng.integers(7, VOCAB, (batch_size, length), dtype=np.int32)
+  inputs, targets = ids(), ids()
+  inputs[:, -2:] = 0
+  targets[:, -3:] = 0
+  batch = {'inputs': inputs, 'targets': targets, 'weights': (targets > 0).astype(np.float32)}
+  if variant == 'original':
+    bos = np.full((batch_size, 1), 2, np.int32)
+    batch['decoder_inputs'] = np.concatenate([bos, targets[:, :-1]], 1)
+  if variant == 'unilm_prefix':
+    batch['prefix_len'] = np.full((batch_size,), 4, np.int32)
+    batch['weights'][:, :4] = 0
+  if variant == 'bert_mlm':
+    batch['weights'] = (rng.random((batch_size, length)) < 0.3).astype(np.float32)
+    batch['targets'] = np.where(batch['weights'] > 0, targets, 0).astype(np.int32)
+  return batch
+
+
+def run_steps(config, batch, num_steps, devices=None):
+  """Trains num_steps on `batch` over a mesh of `devices`; returns (state, losses)."""
+  mesh = sharding.make_mesh(config, devices)
+  model = models.build_model(config, VOCAB)
+  optimizer = optim.make_optimizer(config)
+  _, shardings = train.abstract_state(model, optimizer, config, batch, mesh)
+  state = train.create_state(model, optimizer, config, batch, shardings)
+  step = train.jit_train_step(model, optimizer, config, mesh, shardings)
+  global_batch = sharding.global_batch(batch, mesh)
+  losses = []
+  for _ in range(num_steps):
+    state, metrics = step(state, global_batch)
+    losses.append(metrics['loss'] / metrics['weight'])
+  return state, np.asarray(jax.device_get(losses))
+
+
+def assert_trees_close(a, b, **tol):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol), a, b)
+
+
+def test_paper_schedule_values():
+  d, warmup = 512, 4000
+  schedule = optim.rsqrt_schedule(d, warmup)
+  paper = lambda step: d ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
+  for step in (1, warmup, 4 * warmup):  # optax counts from 0: update number `step` is count-1
+    np.testing.assert_allclose(schedule(step - 1), paper(step), rtol=1e-6)
+  assert schedule(warmup - 1) > schedule(warmup // 2) and schedule(warmup - 1) > schedule(2 * warmup)
+
+
+@pytest.fixture(scope='module')
+def single_device_run():
+  config = tiny('original', mesh_data=1)
+  return run_steps(config, synthetic_batch('original'), 2, devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize('mesh_shape', [dict(mesh_data=8), dict(mesh_data=2, mesh_fsdp=4),
+                                        dict(mesh_data=2, mesh_fsdp=2, mesh_tensor=2)],
+                         ids=['data8', 'data2xfsdp4', 'data2xfsdp2xtensor2'])
+def test_sharded_step_equals_single_device_step(single_device_run, mesh_shape):
+  state_1, losses_1 = single_device_run
+  state_8, losses_8 = run_steps(tiny('original', **mesh_shape), synthetic_batch('original'), 2)
+  np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
+  assert_trees_close(state_8.params, state_1.params, rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_shards_parameters_and_optimizer_state():
+  config = tiny('gpt_causal', mesh_data=1, mesh_fsdp=8)
+  state, _ = run_steps(config, synthetic_batch('gpt_causal'), 1)
+  kernel = state.params['stack']['layer_0']['ffn']['wi']['kernel']  # [D=32, F=64], D on fsdp
+  assert kernel.sharding.spec[0] == 'fsdp'
+  assert {s.data.shape for s in kernel.addressable_shards} == {(32 // 8, 64)}
+  adam_mu = state.opt_state[1][0].mu['stack']['layer_0']['ffn']['wi']['kernel']
+  assert {s.data.shape for s in adam_mu.addressable_shards} == {(32 // 8, 64)}
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  batch = synthetic_batch('gpt_causal', batch_size=8)
+  state_big, _ = run_steps(tiny('gpt_causal'), batch, 2)
+  state_acc, _ = run_steps(tiny('gpt_causal', grad_accum_steps=4), batch, 2)
+  assert_trees_close(state_acc.params, state_big.params, rtol=1e-4, atol=1e-6)
+  assert int(state_acc.step) == 2  # one optimizer update per step, not per micro-batch
+
+
+def test_nonfinite_update_is_skipped_and_counted():
+  config = tiny('gpt_causal', on_nonfinite='skip', learning_rate=1e30, schedule='constant',
+                warmup_steps=1, grad_clip_norm=0.0)
+  state, _ = run_steps(config, synthetic_batch('gpt_causal'), 3)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+  assert int(state.nonfinite_steps) >= 1
+
+
+@pytest.mark.parametrize('variant', list(CONFIGS))
+def test_tiny_overfits_one_batch(variant):
+  config = tiny(variant, schedule='constant', learning_rate=3e-3, warmup_steps=10,
+                label_smoothing=0.0)
+  _, losses = run_steps(config, synthetic_batch(variant), 300)
+  assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
