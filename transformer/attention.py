@@ -43,8 +43,10 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f'd_model={d_model} is not divisible by num_heads={self.num_heads}')
     head_dim = d_model // self.num_heads
 
+    # No biases, as in the paper (W^Q, W^K, W^V, W^O); a key bias would get an exactly-zero
+    # gradient (softmax is shift-invariant), which Adam turns into noise-driven updates.
     def project(x, name):  # [B, L, D] -> [B, L, H, E]
-      y = dense(d_model, ('embed', 'heads'), self.dtype, name)(x)
+      y = dense(d_model, ('embed', 'heads'), self.dtype, name, use_bias=False)(x)
       return y.reshape(*x.shape[:-1], self.num_heads, head_dim)
 
     q_BxQxHxE = project(x_BxQxD, 'query')
@@ -65,7 +67,7 @@ class MultiHeadAttention(nn.Module):
     weights_BxHxQxK = nn.Dropout(self.dropout_rate)(weights_BxHxQxK, deterministic=deterministic)
     out_BxQxHxE = jnp.einsum('bhqk,bkhe->bqhe', weights_BxHxQxK, v_BxKxHxE)
     out_BxQxD = out_BxQxHxE.reshape(*out_BxQxHxE.shape[:2], d_model)
-    return dense(d_model, ('heads', 'embed'), self.dtype, 'out')(out_BxQxD)
+    return dense(d_model, ('heads', 'embed'), self.dtype, 'out', use_bias=False)(out_BxQxD)
 
   def _update_cache(self, k_BxQxHxE, v_BxQxHxE, cache_slot):
     """Writes the new keys/values at slot `cache_slot` and returns the whole cache."""
