@@ -1,0 +1,229 @@
+"""Decoding: cache vs full forward passes, beam search vs greedy and brute force, sampling, MLM."""
+
+import functools
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import bert_mlm, gpt_causal, original, unilm_prefix
+from transformer import decode, models
+
+VOCAB = 12
+MAX_LEN = 8
+# Random tiny models keep repeating a token, often unk (1). Calling it eos in most tests makes rows
+# end at different steps, so that the handling of finished rows is exercised.
+EOS = 1
+CONFIGS = {'original': original, 'bert_mlm': bert_mlm, 'gpt_causal': gpt_causal,
+           'unilm_prefix': unilm_prefix}
+# Three sources of lengths 6, 4 and 2, padded after the tokens.
+SOURCES = jnp.array([[7, 9, 11, 8, 10, 9], [10, 8, 8, 11, 0, 0], [9, 7, 0, 0, 0, 0]])
+PROMPTS = jnp.array([[0, 0, 2, 8, 9], [2, 7, 7, 10, 11], [0, 0, 0, 0, 2]])  # right-aligned
+
+
+def make_model(variant, vocab=VOCAB, seed=0):
+  """A tiny random model and its parameters; untied output so random outputs are less repetitive."""
+  config = CONFIGS[variant].get_config('tiny')
+  config.tie_output = False
+  model = models.build_model(config, vocab)
+  ids = jnp.ones((1, 4), jnp.int32)
+  args = (ids, ids) if variant == 'original' else (ids,)
+  kwargs = {'prefix_len': jnp.array([2])} if variant == 'unilm_prefix' else {}
+  return model, nn.unbox(model.init(jax.random.key(seed), *args, **kwargs)['params'])
+
+
+@pytest.fixture(scope='module')
+def tiny_models():
+  return {variant: make_model(variant) for variant in CONFIGS}
+
+
+def up_to_eos(tokens_BxT, eos_id=EOS):
+  """Where the output is generated: up to and including the first eos."""
+  is_eos = np.asarray(tokens_BxT) == eos_id
+  return np.cumsum(is_eos, axis=1) - is_eos == 0
+
+
+def assert_well_formed(tokens_BxT, eos_id=EOS):
+  """Pad never generated, only pad after eos."""
+  generated = up_to_eos(tokens_BxT, eos_id)
+  assert np.all((np.asarray(tokens_BxT) != decode.PAD_ID) == generated), tokens_BxT
+
+
+def full_forward_logits(variant, model, params, prompt_P, tokens_MxT):
+  """Logits [M, T, V] predicting tokens_MxT after one prompt (for seq2seq: the source), from one
+  training-style pass over each whole sequence, no cache. For one stack the prompt's pads are
+  dropped (training packs source and target tightly) and the sequence is padded at its end."""
+  num, length = tokens_MxT.shape
+  apply = functools.partial(model.apply, {'params': params})
+  bos_Mx1 = jnp.full((num, 1), decode.BOS_ID)
+  if variant == 'original':
+    sources_MxP = jnp.broadcast_to(prompt_P, (num, prompt_P.shape[0]))
+    return apply(sources_MxP, jnp.concatenate([bos_Mx1, tokens_MxT[:, :-1]], 1))
+  real = prompt_P[prompt_P != decode.PAD_ID]
+  if variant == 'gpt_causal':  # The prompt's last token predicts the first new one.
+    start, kwargs = len(real) - 1, {}
+    new_M = tokens_MxT[:, :-1]
+  else:  # unilm_prefix: source, then bos and the target.
+    start = len(real)
+    types = np.arange(prompt_P.shape[0] + length) >= start
+    kwargs = dict(prefix_len=jnp.full((num,), start),
+                  token_types=jnp.broadcast_to(types.astype(np.int32), (num, types.size)))
+    new_M = jnp.concatenate([bos_Mx1, tokens_MxT[:, :-1]], 1)
+  end_pads = jnp.zeros((num, prompt_P.shape[0] + length - start - new_M.shape[1]), jnp.int32)
+  sequences = jnp.concatenate([jnp.broadcast_to(real, (num, len(real))), new_M, end_pads], 1)
+  return apply(sequences, **kwargs)[:, start:start + length]
+
+
+# --- Cache ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('variant', ['original', 'unilm_prefix', 'gpt_causal'])
+def test_greedy_is_argmax_of_full_forward(tiny_models, variant):
+  """Cached greedy decoding of padded prompts picks, at every step, the argmax of a full forward
+  pass over the unpadded prompt and the tokens so far."""
+  model, params = tiny_models[variant]
+  if variant == 'gpt_causal':
+    prompts = PROMPTS
+    tokens = decode.generate(model, params, prompts, max_len=MAX_LEN, eos_id=EOS)
+  else:
+    prompts = SOURCES
+    tokens = decode.translate(model, params, prompts, max_len=MAX_LEN, eos_id=EOS)
+  assert tokens.shape == (3, MAX_LEN)
+  assert_well_formed(tokens)
+  for prompt, row in zip(prompts, tokens):
+    logits = full_forward_logits(variant, model, params, prompt, row[None])
+    best = np.argmax(decode.token_log_probs(logits[0]), axis=-1)
+    generated = up_to_eos(row[None])[0]
+    np.testing.assert_array_equal(best[generated], np.asarray(row)[generated])
+
+
+@pytest.mark.parametrize('variant, beam_size', [('original', 1), ('unilm_prefix', 3)])
+def test_cache_matches_recompute(tiny_models, variant, beam_size):
+  model, params = tiny_models[variant]
+  settings = dict(max_len=MAX_LEN, beam_size=beam_size, eos_id=EOS)
+  cached = decode.translate(model, params, SOURCES, **settings)
+  recomputed = decode.translate(model, params, SOURCES, cache=False, **settings)
+  np.testing.assert_array_equal(cached, recomputed)
+  assert_well_formed(cached)
+
+
+# --- Beam search ---------------------------------------------------------------------------------
+
+def test_beam_of_one_is_greedy(tiny_models):
+  # With a length penalty a single beam may go on past greedy's eos (longer outputs are penalised
+  # less), so the two agree exactly at alpha = 0.
+  model, params = tiny_models['original']
+  beam, _ = decode.beam_search(model, params, SOURCES, max_len=MAX_LEN, beam_size=1,
+                               length_penalty=0.0, eos_id=EOS)
+  greedy = decode.translate(model, params, SOURCES, max_len=MAX_LEN, eos_id=EOS)
+  np.testing.assert_array_equal(beam[:, 0], greedy)
+
+
+def candidates(vocab, max_len, eos_id):
+  """Every output: ends with (its only) eos within max_len tokens, or has max_len tokens, no eos."""
+  tokens = range(decode.PAD_ID + 1, vocab)  # Pad is never generated.
+  return [seq for n in range(1, max_len + 1) for seq in itertools.product(tokens, repeat=n)
+          if eos_id not in seq[:-1] and (seq[-1] == eos_id or n == max_len)]
+
+
+# The random models below favour token 2: as eos with alpha 0, the best outputs end early; with
+# eos 3 and alpha 0.6 they reach max_len.
+@pytest.mark.parametrize('variant, alpha, eos_id', [('original', 0.6, 3), ('unilm_prefix', 0.0, 2)])
+def test_wide_beam_finds_brute_force_best(variant, alpha, eos_id):
+  vocab, max_len = 6, 3
+  # A beam as wide as the candidates of any step (4 live prefixes at most continue with 5 tokens
+  # each: not pad) makes the search exhaustive.
+  beam_size = 4 ** (max_len - 1) * 5
+  model, params = make_model(variant, vocab, seed=1)
+  sources = jnp.array([[5, 4, 5, 1], [1, 5, 4, 4]])
+  tokens, scores = decode.beam_search(model, params, sources, max_len=max_len,
+                                      beam_size=beam_size, length_penalty=alpha, eos_id=eos_id)
+  cands = candidates(vocab, max_len, eos_id)
+  targets = np.zeros((len(cands), max_len), np.int32)
+  for i, seq in enumerate(cands):
+    targets[i, :len(seq)] = seq
+  lengths = np.array([len(seq) for seq in cands])
+  for b, source in enumerate(sources):
+    logits = full_forward_logits(variant, model, params, source, jnp.asarray(targets))
+    log_probs = jnp.take_along_axis(decode.token_log_probs(logits), targets[..., None], -1)[..., 0]
+    in_output = np.arange(max_len)[None] < lengths[:, None]
+    brute = (np.where(in_output, log_probs, 0.0).sum(-1)
+             / decode.gnmt_length_penalty(lengths, alpha))
+    best, second = np.argsort(-brute)[:2]
+    assert brute[best] - brute[second] > 1e-4  # a unique best
+    np.testing.assert_array_equal(tokens[b, 0], targets[best])
+    np.testing.assert_allclose(scores[b, 0], brute[best], rtol=1e-5)
+    assert (lengths[best] < max_len) == (eos_id == 2)
+
+
+# --- Sampling ------------------------------------------------------------------------------------
+
+PROBS = np.array([0.0, 0.4, 0.25, 0.15, 0.1, 0.06, 0.04])  # index 0 is pad
+
+
+def kept(**kwargs):
+  logits = jnp.log(jnp.asarray(PROBS[1:]))  # without pad: filter_logits knows nothing of it
+  return set(np.flatnonzero(np.isfinite(decode.filter_logits(logits, **kwargs))) + 1)
+
+
+def test_filter_logits_keeps_top_k_and_nucleus():
+  assert kept() == {1, 2, 3, 4, 5, 6}
+  assert kept(top_k=1) == {1}
+  assert kept(top_k=3) == {1, 2, 3}
+  assert kept(top_p=0.5) == {1, 2}  # 0.4 < 0.5 <= 0.65
+  assert kept(top_p=0.7) == {1, 2, 3}
+  assert kept(top_p=0.95) == {1, 2, 3, 4, 5}
+  # The nucleus of the top-k distribution: renormalised 0.5, 0.31, 0.19.
+  assert kept(top_k=3, top_p=0.7) == {1, 2}
+
+
+def test_sample_token_draws_only_from_the_filtered_set():
+  logits_NxV = jnp.log(jnp.broadcast_to(jnp.asarray(PROBS), (4000, len(PROBS))))
+  sample = jax.jit(decode.sample_token, static_argnames=('temperature', 'top_k', 'top_p'))
+  # Top 4 (pad has probability 0): 0.44, 0.28, 0.17, 0.11 after renormalising; nucleus 0.8.
+  draws = np.asarray(sample(logits_NxV, jax.random.key(0), top_k=4, top_p=0.8))
+  assert set(draws) == {1, 2, 3}
+  np.testing.assert_allclose(np.mean(draws == 1), 0.4 / 0.8, atol=0.03)
+  # Temperature 0 is argmax, and pad is never chosen even when most likely.
+  pad_first = logits_NxV[:2].at[:, 0].set(10.0)
+  np.testing.assert_array_equal(sample(pad_first, None, temperature=0.0), [1, 1])
+
+
+def test_sampled_tokens_lie_in_the_model_filtered_set(tiny_models):
+  model, params = tiny_models['gpt_causal']
+  prompt = jnp.array([2, 7, 9])
+  settings = dict(top_k=4, top_p=0.6)
+  # Four samples of one prompt.
+  tokens = decode.generate(model, params, jnp.broadcast_to(prompt, (4, 3)), max_len=MAX_LEN,
+                           temperature=1.0, rng=jax.random.key(0), **settings)
+  assert_well_formed(tokens, decode.EOS_ID)
+  logits = full_forward_logits('gpt_causal', model, params, prompt, tokens)
+  allowed = np.isfinite(decode.filter_logits(decode.token_log_probs(logits), **settings))
+  chosen_allowed = np.take_along_axis(allowed, np.asarray(tokens)[..., None], -1)[..., 0]
+  assert np.all(chosen_allowed[up_to_eos(tokens, decode.EOS_ID)])
+  assert len({tuple(row) for row in np.asarray(tokens)}) > 1  # samples differ
+
+
+def test_temperature_to_zero_is_greedy(tiny_models):
+  model, params = tiny_models['original']
+  settings = dict(max_len=MAX_LEN, eos_id=EOS)
+  cold = decode.translate(model, params, SOURCES, temperature=1e-6, rng=jax.random.key(0),
+                          **settings)
+  np.testing.assert_array_equal(cold, decode.translate(model, params, SOURCES, **settings))
+
+
+# --- Masked LM -----------------------------------------------------------------------------------
+
+def test_fill_mask_returns_top_predictions_at_masks(tiny_models):
+  model, params = tiny_models['bert_mlm']
+  inputs = jnp.array([[7, decode.MASK_ID, 9, decode.MASK_ID, 0]])
+  ids, probs = decode.fill_mask(model, params, inputs, top_k=3)
+  assert ids.shape == probs.shape == (1, 5, 3)
+  logits = model.apply({'params': params}, inputs)
+  expected = jax.nn.softmax(decode.token_log_probs(logits), -1)
+  for pos in (1, 3):
+    np.testing.assert_array_equal(ids[0, pos], np.argsort(-expected[0, pos])[:3])
+    np.testing.assert_allclose(probs[0, pos], np.sort(expected[0, pos])[::-1][:3], rtol=1e-5)
+  assert np.all(ids[0, [0, 2, 4]] == decode.PAD_ID) and np.all(probs[0, [0, 2, 4]] == 0)
