@@ -1,0 +1,134 @@
+"""Using a trained model from its workdir: the eval, translate, generate and fill_mask modes.
+
+Each mode restores the latest (or best) checkpoint of a workdir into the config's mesh.
+"""
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from transformer import checkpoint, data, decode, evaluate, train
+
+
+def restore(config, workdir: str, which: str = 'latest'):
+  """(experiment, params, step) of the `which` ('latest' | 'best') checkpoint of workdir."""
+  exp = train.Experiment(config)
+  abstract, _ = exp.abstract_state()
+  ckpt = checkpoint.Checkpointer(workdir, config, exp.tokenizer.vocab_size)
+  steps = ckpt.all_steps()
+  if not steps:
+    raise FileNotFoundError(f'No checkpoint in {ckpt.directory}: train first with --mode=train '
+                            f'--workdir={workdir}')
+  step = None
+  if which == 'best':
+    step = ckpt.best_step()
+    if step is None:
+      raise ValueError(f'No checkpoint in {ckpt.directory} has {config.best_metric!r}; use '
+                       '--checkpoint=latest.')
+  state, step = ckpt.restore(abstract, step=step)
+  ckpt.close()
+  logging.info('Restored step %d from %s.', step, ckpt.directory)
+  return exp, state.params, step
+
+
+def run_eval(config, workdir: str, split: str, which: str = 'latest') -> dict:
+  """Loss/perplexity/accuracy of a whole split, plus BLEU and chrF for translation variants.
+
+  Writes WORKDIR/eval_<split>.json and returns its content.
+  """
+  exp, params, step = restore(config, workdir, which)
+  batches = data.make_eval_batches(config, exp.tokenizer, split,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+  eval_fn = train.jit_eval_step(exp.model, config, exp.mesh, None)
+  result = dict(split=split, step=step, checkpoint=which,
+                **evaluate.loss_metrics(exp, eval_fn, params, batches))
+  if config.variant in evaluate.TRANSLATION_VARIANTS:
+    scores, hypotheses = evaluate.translation_scores(exp, params, split,
+                                                     beam_size=config.beam_size)
+    result.update(scores, beam_size=config.beam_size, length_penalty=config.length_penalty,
+                  sample=hypotheses[:3])
+    print(f'BLEU {scores["bleu"]:.2f} ({scores["bleu_signature"]})')
+    print(f'BLEU {scores["bleu_lc"]:.2f} ({scores["bleu_lc_signature"]})')
+    print(f'chrF {scores["chrf"]:.2f} ({scores["chrf_signature"]})')
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, f'eval_{split}.json')
+    with open(path, 'w', encoding='utf-8') as f:
+      json.dump(result, f, indent=2)
+    logging.info('Wrote %s', path)
+  return result
+
+
+def _read_lines(path: str | None) -> list[str]:
+  if path:
+    with open(path, encoding='utf-8') as f:
+      return f.read().splitlines()
+  return sys.stdin.read().splitlines()
+
+
+def _write_lines(lines: list[str], path: str | None):
+  text = ''.join(line + '\n' for line in lines)
+  if path:
+    with open(path, 'w', encoding='utf-8') as f:
+      f.write(text)
+  else:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def run_translate(config, workdir: str, input_path: str | None, output_path: str | None,
+                  which: str = 'latest'):
+  """One output line per input line, in order; empty lines stay empty; long ones are truncated."""
+  if config.variant not in evaluate.TRANSLATION_VARIANTS:
+    raise ValueError(f'--mode=translate needs original or unilm_prefix, not {config.variant}.')
+  exp, params, _ = restore(config, workdir, which)
+  lines = _read_lines(input_path)
+  sources = [line.strip() for line in lines]
+  nonempty = [i for i, line in enumerate(sources) if line]
+  translations = evaluate.translate_texts(exp, params, [sources[i] for i in nonempty],
+                                          beam_size=config.beam_size) if nonempty else []
+  outputs = [''] * len(lines)
+  for i, text in zip(nonempty, translations):
+    outputs[i] = text
+  _write_lines(outputs, output_path)
+
+
+def run_generate(config, workdir: str, prompt: str, num_samples: int, which: str = 'latest'):
+  """Prints num_samples continuations of `prompt` (sampled with the config's settings)."""
+  if config.variant != 'gpt_causal':
+    raise ValueError(f'--mode=generate needs gpt_causal, not {config.variant}.')
+  exp, params, _ = restore(config, workdir, which)
+  prompt_ids = exp.tokenizer.encode(prompt) or [exp.tokenizer.eos_id]
+  prompt_ids = prompt_ids[-(config.max_len - config.decode_max_len):]
+  prompts = jnp.asarray(np.tile(np.asarray(prompt_ids, np.int32), (num_samples, 1)))
+  tokens = decode.generate(exp.model, params, prompts, max_len=config.decode_max_len,
+                           temperature=config.temperature, top_k=config.top_k,
+                           top_p=config.top_p, rng=jax.random.key(config.seed))
+  samples = [prompt + exp.tokenizer.decode(row) for row in np.asarray(tokens)]
+  _write_lines([f'--- sample {i} ---\n{s}' for i, s in enumerate(samples)], None)
+  return samples
+
+
+def run_fill_mask(config, workdir: str, text: str, top_k: int = 5, which: str = 'latest'):
+  """The top_k predictions for each <mask> in `text`, one line per mask."""
+  if config.variant != 'bert_mlm':
+    raise ValueError(f'--mode=fill_mask needs bert_mlm, not {config.variant}.')
+  exp, params, _ = restore(config, workdir, which)
+  tok = exp.tokenizer
+  ids = [tok.cls_id] + tok.encode(text)[:config.max_len - 2] + [tok.sep_id]
+  if tok.mask_id not in ids:
+    raise ValueError(f'--text has no <mask> token: {text!r}')
+  ids_BxL = jnp.asarray([ids], jnp.int32)
+  top_ids, top_probs = decode.fill_mask(exp.model, params, ids_BxL, top_k=top_k)
+  lines = []
+  for position in np.flatnonzero(np.asarray(ids) == tok.mask_id):
+    guesses = ', '.join(f'{tok.decode([int(i)])!r} {float(p):.3f}'
+                        for i, p in zip(top_ids[0, position], top_probs[0, position]))
+    lines.append(f'position {position}: {guesses}')
+  _write_lines(lines, None)
+  return lines
