@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from transformer import checkpoint, data, decode, evaluate, train
+from transformer import checkpoint, data, decode, evaluate, optim, train, visualize
 
 
 def restore(config, workdir: str, which: str = 'latest'):
@@ -132,3 +132,49 @@ def run_fill_mask(config, workdir: str, text: str, top_k: int = 5, which: str = 
     lines.append(f'position {position}: {guesses}')
   _write_lines(lines, None)
   return lines
+
+
+def run_visualize(config, workdir: str, text: str | None, which: str = 'latest') -> list[str]:
+  """Teaching plots (positional encodings, masks, this config's schedule) into WORKDIR/plots, and
+  per-layer, per-head attention heatmaps of `text` (default: the first validation source) when
+  the workdir has a checkpoint."""
+  out_dir = os.path.join(workdir, 'plots')
+  paths = visualize.write_teaching_plots(out_dir, schedule=optim.make_schedule(config),
+                                         num_steps=config.num_train_steps,
+                                         d_model=config.d_model)
+  if checkpoint.Checkpointer(workdir, config, 0).all_steps():
+    exp, params, _ = restore(config, workdir, which)
+    paths += _attention_plots(exp, params, text, out_dir)
+  else:
+    logging.info('No checkpoint in %s: attention heatmaps need a trained model.', workdir)
+  for path in paths:
+    print(path)
+  return paths
+
+
+def _attention_plots(exp, params, text: str | None, out_dir: str) -> list[str]:
+  config, tok = exp.config, exp.tokenizer
+  if text is None:
+    text = (data.load_text_pairs(config, 'validation')[0][0]
+            if config.variant in evaluate.TRANSLATION_VARIANTS
+            else data.load_texts(config, 'validation')[0])
+  pieces = lambda ids: [tok.decode([i]) or f'<{i}>' for i in ids]
+  source = tok.encode(text)[:config.max_source_len]
+  if config.variant in evaluate.TRANSLATION_VARIANTS:
+    output = np.asarray(decode.translate(exp.model, params, jnp.asarray([source], jnp.int32),
+                                         max_len=config.decode_max_len))[0]
+    target = [tok.bos_id] + [int(i) for i in output if i not in (0, tok.eos_id)]
+    if config.variant == 'original':
+      return visualize.write_attention_plots(
+          out_dir, exp.model, params, jnp.asarray([source]), jnp.asarray([target]),
+          source_labels=pieces(source), target_labels=pieces(target))
+    sequence = source + target
+    types = [0] * len(source) + [1] * len(target)
+    return visualize.write_attention_plots(
+        out_dir, exp.model, params, jnp.asarray([sequence]), source_labels=pieces(sequence),
+        prefix_len=jnp.asarray([len(source)]), token_types=jnp.asarray([types]))
+  ids = tok.encode(text)[:config.max_len - 2]
+  if config.variant == 'bert_mlm':
+    ids = [tok.cls_id] + ids + [tok.sep_id]
+  return visualize.write_attention_plots(out_dir, exp.model, params, jnp.asarray([ids]),
+                                         source_labels=pieces(ids))
