@@ -104,7 +104,13 @@ def run_generate(config, workdir: str, prompt: str, num_samples: int, which: str
     raise ValueError(f'--mode=generate needs gpt_causal, not {config.variant}.')
   exp, params, _ = restore(config, workdir, which)
   prompt_ids = exp.tokenizer.encode(prompt) or [exp.tokenizer.eos_id]
-  prompt_ids = prompt_ids[-(config.max_len - config.decode_max_len):]
+  room = config.max_len - config.decode_max_len  # the model sees at most max_len positions
+  if room < 1:
+    raise ValueError(f'decode_max_len={config.decode_max_len} leaves no room for a prompt in '
+                     f'max_len={config.max_len}; lower --config.decode_max_len.')
+  if len(prompt_ids) > room:
+    logging.warning('The prompt has %d tokens; only its last %d are used.', len(prompt_ids), room)
+    prompt_ids = prompt_ids[-room:]
   prompts = jnp.asarray(np.tile(np.asarray(prompt_ids, np.int32), (num_samples, 1)))
   tokens = decode.generate(exp.model, params, prompts, max_len=config.decode_max_len,
                            temperature=config.temperature, top_k=config.top_k,
