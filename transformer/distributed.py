@@ -1,32 +1,159 @@
-"""Multi-process start-up: JAX's own multi-controller runtime, configured from the environment.
+"""Multi-process start-up and agreement: JAX's multi-controller runtime, configured from the env.
 
-On TPU VMs and SLURM/Open MPI clusters `jax.distributed.initialize()` discovers everything itself.
-Elsewhere (a GPU cluster without SLURM, or several processes on one machine for testing) set
-JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process.
-A single process needs nothing.
+Every process runs the same `python -m launch.main ...`. `initialize()` starts JAX's distributed
+runtime when the environment describes several processes:
+
+  - explicit (GPU clusters without a scheduler, several processes on one machine for testing):
+    JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES=N and JAX_PROCESS_ID=i on every process;
+  - SLURM (`srun`, one task per GPU or per node) and Open MPI (`mpirun`): discovered by JAX;
+  - Cloud TPU VMs (all workers of a slice) and GKE TPU pods: discovered by JAX.
+
+A single process (no such environment) needs nothing. After it, jax.process_index() and
+jax.process_count() drive the data shards (each process reads its own), the writer (process 0
+only) and orbax (all processes write their shards of a checkpoint together).
+
+`PreemptionNotice` turns SIGTERM into a stop at one step that every process agrees on.
 """
 
 import os
+import signal
 
 import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
-CLUSTER_ENV_VARS = ('JAX_COORDINATOR_ADDRESS', 'SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE',
-                    'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS')
+_SLURM_VARS = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
+               'SLURM_LOCALID')  # The ones JAX's SLURM detection reads: present inside `srun`.
+
+
+def cluster_kind(env=None) -> str | None:
+  """How this process learns its place in a multi-process run, or None for a single process.
+
+  'env' (JAX_COORDINATOR_ADDRESS...), 'slurm', 'mpi', 'tpu' (GKE TPU pods, Cloud TPU VMs).
+  """
+  env = os.environ if env is None else env
+  if 'JAX_COORDINATOR_ADDRESS' in env:
+    return 'env'
+  if all(v in env for v in _SLURM_VARS) and int(env['SLURM_NTASKS']) > 1:
+    return 'slurm'  # A bare `sbatch`/`salloc` shell (no SLURM_STEP_*) is one process.
+  if 'OMPI_MCA_orte_hnp_uri' in env and int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1:
+    return 'mpi'
+  if 'TPU_WORKER_HOSTNAMES' in env or 'MEGASCALE_COORDINATOR_ADDRESS' in env:
+    return 'tpu'
+  if env is os.environ and _on_cloud_tpu_vm():
+    return 'tpu'
+  return None
+
+
+def _on_cloud_tpu_vm() -> bool:
+  """True on a Cloud TPU VM (JAX found TPU chips and libtpu when it was imported)."""
+  try:
+    from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  return bool(getattr(cloud_tpu_init, 'running_in_cloud_tpu_vm', False))
+
+
+def explicit_arguments(env=None) -> dict:
+  """jax.distributed.initialize arguments from JAX_COORDINATOR_ADDRESS / _NUM_PROCESSES / _ID."""
+  env = os.environ if env is None else env
+  missing = [v for v in ('JAX_NUM_PROCESSES', 'JAX_PROCESS_ID') if v not in env]
+  if missing:
+    raise ValueError(f'JAX_COORDINATOR_ADDRESS is set but {" and ".join(missing)} is not: set '
+                     'all three on every process (or none for a single process).')
+  num_processes, process_id = int(env['JAX_NUM_PROCESSES']), int(env['JAX_PROCESS_ID'])
+  if not 0 <= process_id < num_processes:
+    raise ValueError(f'JAX_PROCESS_ID={process_id} is not in [0, JAX_NUM_PROCESSES='
+                     f'{num_processes}).')
+  return dict(coordinator_address=env['JAX_COORDINATOR_ADDRESS'], num_processes=num_processes,
+              process_id=process_id)
 
 
 def initialize():
-  """Starts the distributed runtime when the environment describes several processes."""
-  env = os.environ
-  if not any(v in env for v in CLUSTER_ENV_VARS):
+  """Starts the distributed runtime when the environment describes several processes.
+
+  Call once, before anything touches a device. A no-op for a single process.
+  """
+  kind = cluster_kind()
+  if kind is None:
     return
-  kwargs = {}
-  if 'JAX_COORDINATOR_ADDRESS' in env:
-    kwargs = dict(coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
-                  num_processes=int(env['JAX_NUM_PROCESSES']),
-                  process_id=int(env['JAX_PROCESS_ID']))
-    # Cross-process collectives between CPU devices (local multi-process runs and tests).
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  kwargs = explicit_arguments() if kind == 'env' else {}
+  # Collectives between CPU devices of different processes (local multi-process runs, tests);
+  # GPU and TPU devices have their own (NCCL, ICI) and ignore this.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(**kwargs)
-  logging.info('Process %d of %d; %d local / %d global devices.', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.info('Distributed (%s): process %d of %d; %d local / %d global devices; preemption '
+               'sync service %s.', kind, jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(),
+               'on' if preemption_service_running() else 'off')
+
+
+def preemption_service_running() -> bool:
+  """Whether JAX's preemption sync service runs (jax.distributed.initialize starts it)."""
+  try:
+    from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  state = getattr(jax_distributed, 'global_state', None)
+  return getattr(state, 'preemption_sync_manager', None) is not None
+
+
+def all_processes(flag: bool) -> bool:
+  """True iff `flag` is true on every process (a collective: all processes must call it)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.all(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
+def barrier(name: str):
+  """Waits until every process gets here."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+class PreemptionNotice:
+  """SIGTERM (a scheduler's preemption notice) -> stop after the current step, on every process.
+
+  Use as a context manager around the train loop and ask `reached(step)` after every step; all
+  processes must ask at every step. True means: save a checkpoint at `step` and exit.
+
+  - One process: a Python SIGTERM handler sets a flag, read at the next step.
+  - Several processes with JAX's preemption sync service (started by jax.distributed.initialize,
+    also on CPU): the service's own (C++) SIGTERM handler tells the coordinator, which picks the
+    step at which all processes stop, whichever of them got the signal. No Python handler is
+    installed: it would replace the service's and the notice would be lost.
+  - Several processes without the service (jax_enable_preemption_service=False): the Python flag
+    is shared by an all-gather every `fallback_every` steps, so processes stop together at the
+    first such step after the signal.
+  """
+
+  def __init__(self, fallback_every: int = 1):
+    self.fallback_every = max(int(fallback_every), 1)
+    self.received = False
+    self._previous = None
+
+  def __enter__(self):
+    self.received = False
+    self.use_service = jax.process_count() > 1 and preemption_service_running()
+    if not self.use_service:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc_info):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.received = True
+
+  def reached(self, step: int) -> bool:
+    if self.use_service:
+      return bool(multihost_utils.reached_preemption_sync_point(step))
+    if jax.process_count() == 1:
+      return self.received
+    if step % self.fallback_every:
+      return False
+    return not all_processes(not self.received)

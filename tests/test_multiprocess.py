@@ -1,0 +1,107 @@
+"""Several processes: 2 processes x 4 CPU devices train like 1 process x 8 devices.
+
+Each process reads its own data shard, only process 0 writes metrics, checkpoints are written
+by both; SIGTERM to one process stops both at the same step (JAX's preemption sync service) with
+exit code 0, and the restart resumes from there.
+"""
+
+import json
+import os
+import re
+import signal
+
+import pytest
+
+from tests import run_helpers as rh
+from transformer import distributed, train
+
+
+def test_cluster_kind_from_environment():
+  assert distributed.cluster_kind({}) is None
+  assert distributed.cluster_kind({'JAX_COORDINATOR_ADDRESS': 'h:1'}) == 'env'
+  slurm = dict(SLURM_JOB_ID='7', SLURM_STEP_NODELIST='n[1-2]', SLURM_NTASKS='16',
+               SLURM_PROCID='3', SLURM_LOCALID='3')
+  assert distributed.cluster_kind(slurm) == 'slurm'
+  assert distributed.cluster_kind(dict(slurm, SLURM_NTASKS='1')) is None  # one task
+  assert distributed.cluster_kind({'SLURM_JOB_ID': '7'}) is None  # inside sbatch, not srun
+  assert distributed.cluster_kind({'OMPI_MCA_orte_hnp_uri': 'x', 'OMPI_COMM_WORLD_SIZE': '4'}) \
+      == 'mpi'
+  assert distributed.cluster_kind({'TPU_WORKER_HOSTNAMES': 'a,b'}) == 'tpu'
+
+
+def test_explicit_arguments_are_checked():
+  env = dict(JAX_COORDINATOR_ADDRESS='10.0.0.1:1234', JAX_NUM_PROCESSES='4', JAX_PROCESS_ID='2')
+  assert distributed.explicit_arguments(env) == dict(
+      coordinator_address='10.0.0.1:1234', num_processes=4, process_id=2)
+  with pytest.raises(ValueError, match='JAX_PROCESS_ID is not'):
+    distributed.explicit_arguments({k: v for k, v in env.items() if k != 'JAX_PROCESS_ID'})
+  with pytest.raises(ValueError, match=r'JAX_PROCESS_ID=4 is not in \[0, JAX_NUM_PROCESSES=4\)'):
+    distributed.explicit_arguments(dict(env, JAX_PROCESS_ID='4'))
+
+
+def process_env(process_id: int, port: int) -> dict:
+  xla_flags = os.environ['XLA_FLAGS'].replace('--xla_force_host_platform_device_count=8',
+                                              '--xla_force_host_platform_device_count=4')
+  assert 'device_count=4' in xla_flags
+  return dict(XLA_FLAGS=xla_flags, JAX_PLATFORMS='cpu', JAX_NUM_PROCESSES='2',
+              JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_PROCESS_ID=str(process_id))
+
+
+# One layer each side: a multi-process CPU program pays for every kernel at its first step.
+SMALL = dict(num_layers=1, num_decoder_layers=1)
+
+
+def launch_two_processes(workdir, log_prefix, **config) -> tuple[list, list[str]]:
+  port = rh.free_port()
+  command = rh.main_command(workdir, rh.prepared_data_dir(), **SMALL, **config)
+  logs = [f'{log_prefix}_{i}.log' for i in range(2)]
+  return [rh.start(command, logs[i], process_env(i, port)) for i in range(2)], logs
+
+
+def train_losses(workdir) -> list[tuple[int, float]]:
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    records = [json.loads(line) for line in f]
+  return [(r['step'], r['train_loss']) for r in records if 'train_loss' in r]
+
+
+@pytest.mark.skipif(not rh.HAVE_CORPUS, reason=f'no shared corpora at {rh.RAW}')
+def test_two_processes_equal_one_and_stop_together_on_sigterm(tmp_path, monkeypatch):
+  workdir = str(tmp_path / 'two_processes')
+  # 1. Two processes; SIGTERM to process 1 only, once training runs.
+  procs, logs = launch_two_processes(workdir, tmp_path / 'first', num_train_steps=40)
+  rh.wait_for(rh.log_contains(logs[0], 'step 2/40'), procs, 'step 2 in the log of process 0')
+  rh.send(procs[1], signal.SIGTERM)
+  codes = rh.wait_all(procs)
+  texts = [rh.read(p) for p in logs]
+  assert codes == [0, 0], '\n'.join(t[-3000:] for t in texts)
+  stops = [re.findall(r'Preempted \(SIGTERM\): saving step (\d+)', t) for t in texts]
+  assert stops[0] and stops[0] == stops[1], stops  # both processes stop at the same step
+  stop = int(stops[0][0])
+  assert 2 <= stop < 40 and rh.committed_steps(workdir) == [stop]
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints', str(stop), 'data'))) == [
+      'commit_success.txt', 'process_0-of-2.json', 'process_1-of-2.json']
+
+  # 2. Both restart and resume from the preemption checkpoint.
+  end = stop + 2
+  procs, logs = launch_two_processes(workdir, tmp_path / 'second', num_train_steps=end)
+  codes = rh.wait_all(procs)
+  texts = [rh.read(p) for p in logs]
+  assert codes == [0, 0], '\n'.join(t[-3000:] for t in texts)
+  assert f'Resumed from {workdir}/checkpoints at step {stop}.' in texts[0]
+  assert rh.committed_steps(workdir) == [stop, end]
+  assert f'step {end}/{end}' in texts[0] and f'step {end}/{end}' not in texts[1]  # 0 logs alone
+
+  # 3. One process with 8 devices reading both shards: the same losses and parameters.
+  rh.emulate_processes(monkeypatch, 2)
+  config = rh.make_config(rh.prepared_data_dir(), num_train_steps=end,
+                          checkpoint_every_steps=stop, max_checkpoints_to_keep=100, **SMALL)
+  reference = str(tmp_path / 'one_process')
+  train.train_and_evaluate(config, reference)
+  losses, reference_losses = train_losses(workdir), train_losses(reference)
+  assert [step for step, _ in losses] == list(range(1, end + 1))  # written once, by process 0
+  assert [step for step, _ in reference_losses] == list(range(1, end + 1))
+  assert [x for _, x in losses] == pytest.approx([x for _, x in reference_losses], rel=1e-5)
+  for step in (stop, end):
+    rh.assert_trees_equal(rh.restore_state(workdir, config, step).params,
+                          rh.restore_state(reference, config, step).params,
+                          rtol=1e-5, atol=1e-6)
