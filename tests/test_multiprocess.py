@@ -1,8 +1,9 @@
 """Several processes: 2 processes x 4 CPU devices train like 1 process x 8 devices.
 
-Each process reads its own data shard, only process 0 writes metrics, checkpoints are written
-by both; SIGTERM to one process stops both at the same step (JAX's preemption sync service) with
-exit code 0, and the restart resumes from there.
+Each process reads its own data shard, only process 0 writes metrics, parameters and optimizer
+state are sharded over both (FSDP) and each writes its shards of a checkpoint; SIGTERM to one
+process stops both at the same step (JAX's preemption sync service) with exit code 0, and the
+restart resumes from there.
 """
 
 import json
@@ -48,7 +49,8 @@ def process_env(process_id: int, port: int) -> dict:
 
 
 # One layer each side: a multi-process CPU program pays for every kernel at its first step.
-SMALL = dict(num_layers=1, num_decoder_layers=1)
+# FSDP over all 8 devices: each process holds and writes half of every parameter.
+SMALL = dict(num_layers=1, num_decoder_layers=1, mesh_data=1, mesh_fsdp=8)
 
 
 def launch_two_processes(workdir, log_prefix, **config) -> tuple[list, list[str]]:
