@@ -43,7 +43,7 @@ NODES=${SLURM_JOB_NUM_NODES:-2}
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 PYTHON=${VENV:-.venv}/bin/python
 
-(($#)) || { sed -n '13,31p' "$0"; exit 2; }
+(($#)) || { sed -n '13,32p' "$0"; exit 2; }
 config_flags=()  # what launch.prepare_data takes: the config flags only
 for flag in "$@"; do
   if [[ $flag == --config* ]]; then config_flags+=("$flag"); fi
