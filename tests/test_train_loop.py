@@ -9,29 +9,20 @@ import jax
 import numpy as np
 import pytest
 
-from configs import common, original
+from tests import run_helpers
 from transformer import checkpoint, train
 
-RAW = common.SHARED_DATA
-ROOT = common.REPO_ROOT
-pytestmark = pytest.mark.skipif(not os.path.isdir(RAW), reason=f'no shared corpora at {RAW}')
+pytestmark = pytest.mark.skipif(not run_helpers.HAVE_CORPUS, reason='no shared corpora')
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('loop_data'))
+def data_dir():
+  return run_helpers.prepared_data_dir()
 
 
 def loop_config(data_dir, **overrides):
   """original:tiny on a small parallel corpus: multi30k val as train, test_2016 as validation."""
-  files = {split: ':'.join(os.path.join(RAW, 'multi30k', f'{stem}.{lang}') for lang in ('de', 'en'))
-           for split, stem in (('train', 'val'), ('eval', 'test_2016_flickr'))}
-  config = original.get_config('tiny')
-  config.update(dict(dataset='text', text_train_files=files['train'],
-                     text_eval_files=files['eval'], data_dir=data_dir, bleu_max_sentences=0,
-                     log_every_steps=2, eval_every_steps=100, checkpoint_every_steps=100,
-                     max_eval_batches=1, batch_size=8, eval_batch_size=8, peak_flops=1e11), **overrides)
-  return config
+  return run_helpers.make_config(data_dir, **overrides)
 
 
 def record_train_batches(monkeypatch) -> list:
@@ -102,7 +93,7 @@ def test_unknown_config_field_fails_before_anything_is_written(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'launch.main', '--config=configs/original.py:tiny',
        f'--workdir={workdir}', '--config.no_such_field=1'],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+      cwd=run_helpers.ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
   assert 'no_such_field' in result.stderr
   assert not workdir.exists()

@@ -8,7 +8,6 @@ Data flows one way: config -> data -> model -> objective -> train step -> checkp
 import functools
 import json
 import os
-import signal
 import time
 from typing import Any
 
@@ -20,7 +19,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from transformer import checkpoint, data, evaluate, models, objectives, optim, perf, sharding
+from transformer import (checkpoint, data, distributed, evaluate, models, objectives, optim, perf,
+                         sharding)
 from transformer.writer import MetricWriter, log_progress
 
 
@@ -209,31 +209,6 @@ class _Throughput:
                 mfu=self.flops / elapsed / self.peak_flops)
 
 
-class _PreemptionFlag:
-  """SIGTERM -> finish the current step, save, exit cleanly.
-
-  Several processes must stop at the same step: JAX's preemption sync point (through orbax)
-  decides there; a single process just reads its own signal flag.
-  """
-
-  def __enter__(self):
-    self.received = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def __exit__(self, *exc_info):
-    signal.signal(signal.SIGTERM, self._previous)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.received = True
-
-  def reached(self, step: int, ckpt: checkpoint.Checkpointer) -> bool:
-    if jax.process_count() > 1:
-      return ckpt.manager.reached_preemption(step)
-    return self.received
-
-
 def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict]:
   """Trains to config.num_train_steps updates (resuming from workdir), evaluating and saving.
 
@@ -263,7 +238,7 @@ def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict]:
   eval_fn = jit_eval_step(exp.model, config, exp.mesh, shardings.params)
   throughput = _Throughput(config, exp.tokenizer.vocab_size)
   pending, last_eval = [], {}
-  with _PreemptionFlag() as preempted:
+  with distributed.PreemptionNotice(config.log_every_steps) as preempted:
     for step in range(start_step, config.num_train_steps):
       local_batch = next(train_iter)
       state, metrics = step_fn(state, sharding.global_batch(local_batch, exp.mesh))
@@ -292,7 +267,7 @@ def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict]:
         writer.write(done, eval_metrics)
         logging.info('eval at step %d: %s', done, _format(eval_metrics))
         last_eval = eval_metrics
-      stop = not is_last and preempted.reached(done, ckpt)
+      stop = not is_last and preempted.reached(done)
       if stop:
         logging.warning('Preempted (SIGTERM): saving step %d and exiting; rerun to resume.', done)
       if done % config.checkpoint_every_steps == 0 or is_last or eval_metrics or stop:
