@@ -62,6 +62,24 @@ def translation_scores(exp, params, split: str, *, beam_size: int,
   return metrics.corpus_scores(hypotheses, [ref for _, ref in pairs]), hypotheses
 
 
+def lm_samples(exp, params, prompt: str, num_samples: int) -> list[str]:
+  """Continuations of `prompt` by a causal LM, sampled with the config's decoding settings."""
+  config, tokenizer = exp.config, exp.tokenizer
+  prompt_ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+  room = config.max_len - config.decode_max_len  # the model sees at most max_len positions
+  if room < 1:
+    raise ValueError(f'decode_max_len={config.decode_max_len} leaves no room for a prompt in '
+                     f'max_len={config.max_len}; lower --config.decode_max_len.')
+  if len(prompt_ids) > room:
+    logging.warning('The prompt has %d tokens; only its last %d are used.', len(prompt_ids), room)
+    prompt_ids = prompt_ids[-room:]
+  prompts = jnp.asarray(np.tile(np.asarray(prompt_ids, np.int32), (num_samples, 1)))
+  tokens = decode.generate(exp.model, params, prompts, max_len=config.decode_max_len,
+                           temperature=config.temperature, top_k=config.top_k,
+                           top_p=config.top_p, rng=jax.random.key(config.seed))
+  return [prompt + tokenizer.decode(row) for row in np.asarray(tokens)]
+
+
 def validation_metrics(exp, eval_fn, params) -> dict:
   """The periodic validation of the training loop, as flat 'eval_*' metrics."""
   config = exp.config
@@ -72,4 +90,6 @@ def validation_metrics(exp, eval_fn, params) -> dict:
                                             max_sentences=config.bleu_max_sentences)
     out.update({f'eval_{k}': v for k, v in scores.items()})
     out['eval_sample'] = hypotheses[0]
+  if config.variant == 'gpt_causal':
+    out['eval_sample'] = lm_samples(exp, params, '\n', 1)[0]
   return out

@@ -103,19 +103,7 @@ def run_generate(config, workdir: str, prompt: str, num_samples: int, which: str
   if config.variant != 'gpt_causal':
     raise ValueError(f'--mode=generate needs gpt_causal, not {config.variant}.')
   exp, params, _ = restore(config, workdir, which)
-  prompt_ids = exp.tokenizer.encode(prompt) or [exp.tokenizer.eos_id]
-  room = config.max_len - config.decode_max_len  # the model sees at most max_len positions
-  if room < 1:
-    raise ValueError(f'decode_max_len={config.decode_max_len} leaves no room for a prompt in '
-                     f'max_len={config.max_len}; lower --config.decode_max_len.')
-  if len(prompt_ids) > room:
-    logging.warning('The prompt has %d tokens; only its last %d are used.', len(prompt_ids), room)
-    prompt_ids = prompt_ids[-room:]
-  prompts = jnp.asarray(np.tile(np.asarray(prompt_ids, np.int32), (num_samples, 1)))
-  tokens = decode.generate(exp.model, params, prompts, max_len=config.decode_max_len,
-                           temperature=config.temperature, top_k=config.top_k,
-                           top_p=config.top_p, rng=jax.random.key(config.seed))
-  samples = [prompt + exp.tokenizer.decode(row) for row in np.asarray(tokens)]
+  samples = evaluate.lm_samples(exp, params, prompt, num_samples)
   _write_lines([f'--- sample {i} ---\n{s}' for i, s in enumerate(samples)], None)
   return samples
 
