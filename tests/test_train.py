@@ -1,7 +1,6 @@
 """Train step: sharded == single-device, accumulation == big batch, schedule, overfitting."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

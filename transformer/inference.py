@@ -136,11 +136,11 @@ def run_visualize(config, workdir: str, text: str | None, which: str = 'latest')
   paths = visualize.write_teaching_plots(out_dir, schedule=optim.make_schedule(config),
                                          num_steps=config.num_train_steps,
                                          d_model=config.d_model)
-  if checkpoint.Checkpointer(workdir, config, 0).all_steps():
+  try:
     exp, params, _ = restore(config, workdir, which)
     paths += _attention_plots(exp, params, text, out_dir)
-  else:
-    logging.info('No checkpoint in %s: attention heatmaps need a trained model.', workdir)
+  except FileNotFoundError as e:
+    logging.info('%s Attention heatmaps need a trained model.', e)
   for path in paths:
     print(path)
   return paths

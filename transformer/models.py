@@ -10,7 +10,6 @@ Inputs are int32 ids with 0 = padding. `deterministic=False` enables dropout (rn
 With `decode=True` the self-attention keys/values go through a cache ('cache' collection).
 """
 
-from typing import Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
