@@ -11,7 +11,8 @@ SIZES = dict(
     # ~4 sentence pairs each (padding would waste ~3/4 of the compute on Multi30k).
     small=dict(d_model=256, num_heads=4, num_layers=3, num_decoder_layers=3, d_ff=1024,
                packing=True, batch_size=32, learning_rate=0.5, warmup_steps=300,
-               num_train_steps=6000, eval_every_steps=1000, log_every_steps=25,
+               num_train_steps=1400, eval_every_steps=350, checkpoint_every_steps=350,
+               log_every_steps=25,
                bleu_max_sentences=1014),
     base=common.BASE,
     # The paper's big model (213 M parameters with a 37k vocabulary).

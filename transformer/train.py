@@ -82,8 +82,11 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, config):
   num_micro = config.grad_accum_steps
   zeros = (jax.tree.map(jnp.zeros_like, state.params),
            {k: jnp.zeros((), jnp.float32) for k in ('loss', 'nll', 'accuracy', 'weight')})
-  (grad_sum, metrics), _ = jax.lax.scan(
-      micro_step, zeros, (split_microbatches(batch, num_micro), jnp.arange(num_micro)))
+  if num_micro == 1:  # No loop: a one-trip while loop would copy every gradient buffer.
+    (grad_sum, metrics), _ = micro_step(zeros, (batch, 0))
+  else:
+    (grad_sum, metrics), _ = jax.lax.scan(
+        micro_step, zeros, (split_microbatches(batch, num_micro), jnp.arange(num_micro)))
   grads = jax.tree.map(lambda g: g / jnp.maximum(metrics['weight'], 1.0), grad_sum)
   grad_norm = optax.tree.norm(grads)
 
