@@ -52,7 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_source_len = 64  # Source tokens kept (longer examples are filtered and counted).
   c.max_target_len = 64  # Target tokens kept, before bos/eos.
   c.block_size = 128  # Sequence length of language-model examples (gpt_causal, bert_mlm).
-  c.packing = False  # Pack several examples per row (segment ids + positions) instead of padding.
+  c.packing = False  # Pack several examples per row (segment ids + positions) instead of padding
+  # (original, unilm_prefix, bert_mlm).
   c.mlm_probability = 0.15  # Fraction of non-special tokens selected for the MLM loss.
   c.mlm_max_predictions = 20  # At most this many selected tokens per sequence.
   c.shuffle_buffer_seed = 0  # Seed of the data order (independent of the model seed).

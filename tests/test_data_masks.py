@@ -61,3 +61,21 @@ def test_packed_row_gives_the_logits_of_its_examples_alone():
     alone = model.apply({'params': params}, jnp.asarray(src[None]), jnp.asarray(tgt_in[None]))
     np.testing.assert_allclose(packed[row['decoder_segment_ids'] == segment], alone[0],
                                atol=2e-5, rtol=2e-5)
+
+
+def test_packed_prefix_lm_row_gives_the_logits_of_its_examples_alone():
+  """Each packed example's source sees its own source and never its target or another example."""
+  config, tokenizer, batch = real_batch(unilm_prefix, packing=True, max_source_len=60,
+                                        max_target_len=60)
+  assert 'prefix_len' not in batch and batch['segment_ids'].max() > 1
+  model = models.build_model(config, tokenizer.vocab_size)
+  params = nn.unbox(objectives.init_params(model, batch, jax.random.key(0)))
+  packed = np.asarray(jax.jit(lambda b: objectives.forward(model, params, b))(batch))[0]
+  row = {k: v[0] for k, v in batch.items()}
+  for segment in range(1, int(row['segment_ids'].max()) + 1):
+    in_segment = row['segment_ids'] == segment
+    ids, types = row['inputs'][in_segment], row['token_types'][in_segment]
+    alone = model.apply({'params': params}, jnp.asarray(ids[None]),
+                        prefix_len=jnp.asarray([int((types == 0).sum())]),
+                        token_types=jnp.asarray(types[None]))
+    np.testing.assert_allclose(packed[in_segment], alone[0], atol=2e-5, rtol=2e-5)

@@ -38,7 +38,8 @@ def test_translate_keeps_one_line_per_input_line(trained, tmp_path, caplog):
 def test_eval_writes_json_with_bleu_and_signature(trained):
   config, workdir = trained
   result = inference.run_eval(config, workdir, 'validation')
-  with open(os.path.join(workdir, 'eval_validation.json'), encoding='utf-8') as f:
+  name = f'eval_validation_beam{config.beam_size}_lp{config.length_penalty:g}.json'
+  with open(os.path.join(workdir, name), encoding='utf-8') as f:
     assert json.load(f) == result
   assert result['step'] == 2 and result['ppl'] > 1
   assert result['bleu_signature'].startswith('nrefs:1|case:mixed')

@@ -53,6 +53,21 @@ def test_prefix_lm_per_example_lengths():
   np.testing.assert_array_equal(m[1, 0], np.ones((3, 3), bool))  # all prefix = bidirectional
 
 
+def test_packed_prefix_lm_truth_table():
+  # Two examples: source [a b] target [c], then source [d] target [e f]; then a pad.
+  valid = jnp.array([[T, T, T, T, T, T, F]])
+  in_prefix = jnp.array([[T, T, F, T, F, F, F]])
+  segments = jnp.array([[1, 1, 1, 2, 2, 2, 0]])
+  m = masks.self_attention_mask('prefix', valid, in_prefix_BxL=in_prefix, segment_ids_BxL=segments)
+  np.testing.assert_array_equal(table(m), [[T, T, F, F, F, F, F],
+                                           [T, T, F, F, F, F, F],
+                                           [T, T, T, F, F, F, F],
+                                           [F, F, F, T, F, F, F],
+                                           [F, F, F, T, T, F, F],
+                                           [F, F, F, T, T, T, F],
+                                           [F, F, F, F, F, F, F]])
+
+
 def test_segment():
   seg = jnp.array([[1, 1, 2, 0]])
   np.testing.assert_array_equal(table(masks.segment_mask(seg, seg)),

@@ -39,7 +39,9 @@ def restore(config, workdir: str, which: str = 'latest'):
 def run_eval(config, workdir: str, split: str, which: str = 'latest') -> dict:
   """Loss/perplexity/accuracy of a whole split, plus BLEU and chrF for translation variants.
 
-  Writes WORKDIR/eval_<split>.json and returns its content.
+  Writes WORKDIR/eval_<split>.json (translation: eval_<split>_greedy.json or
+  eval_<split>_beam<k>_lp<alpha>.json, so that decoding settings compared on validation keep
+  their own files) and returns its content.
   """
   exp, params, step = restore(config, workdir, which)
   batches = data.make_eval_batches(config, exp.tokenizer, split,
@@ -57,11 +59,19 @@ def run_eval(config, workdir: str, split: str, which: str = 'latest') -> dict:
     print(f'BLEU {scores["bleu_lc"]:.2f} ({scores["bleu_lc_signature"]})')
     print(f'chrF {scores["chrf"]:.2f} ({scores["chrf_signature"]})')
   if jax.process_index() == 0:
-    path = os.path.join(workdir, f'eval_{split}.json')
+    path = os.path.join(workdir, f'eval_{split}{_decode_suffix(config)}.json')
     with open(path, 'w', encoding='utf-8') as f:
       json.dump(result, f, indent=2)
     logging.info('Wrote %s', path)
   return result
+
+
+def _decode_suffix(config) -> str:
+  if config.variant not in evaluate.TRANSLATION_VARIANTS:
+    return ''
+  if config.beam_size == 1:
+    return '_greedy'
+  return f'_beam{config.beam_size}_lp{config.length_penalty:g}'
 
 
 def _read_lines(path: str | None) -> list[str]:

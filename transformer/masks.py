@@ -39,7 +39,15 @@ def prefix_lm_mask(prefix_len_B: Array, q_idx_Q: Array, kv_idx_K: Array) -> Arra
   (q < prefix_len) can therefore never see a target key (k >= prefix_len > q).
   prefix_len [B] -> [B, 1, Q, K].
   """
-  in_prefix_BxK = kv_idx_K[None, :] < prefix_len_B[:, None]
+  return source_prefix_mask(kv_idx_K[None, :] < prefix_len_B[:, None], q_idx_Q, kv_idx_K)
+
+
+def source_prefix_mask(in_prefix_BxK: Array, q_idx_Q: Array, kv_idx_K: Array) -> Array:
+  """The prefix-LM mask from a per-key flag: key visible if not in the future or in the prefix.
+
+  With packed rows, in_prefix marks every example's own source; the segment mask then keeps each
+  query inside its example. in_prefix [B, K] bool -> [B, 1, Q, K].
+  """
   return causal_mask(q_idx_Q, kv_idx_K) | in_prefix_BxK[:, None, None, :]
 
 
@@ -60,11 +68,13 @@ def combine(*masks: Optional[Array]) -> Optional[Array]:
 
 
 def self_attention_mask(kind: str, valid_BxL: Array, *, prefix_len_B: Optional[Array] = None,
+                        in_prefix_BxL: Optional[Array] = None,
                         segment_ids_BxL: Optional[Array] = None) -> Array:
   """The full self-attention mask of a training (non-incremental) pass over L tokens.
 
   kind: 'bidirectional' (encoders, bert_mlm), 'causal' (decoders, gpt_causal) or 'prefix'
-  (unilm_prefix, needs prefix_len). valid [B, L] marks real (non-padding) tokens. -> broadcastable to [B, 1, L, L].
+  (unilm_prefix: needs prefix_len [B], or for packed rows in_prefix [B, L], the source tokens).
+  valid [B, L] marks real (non-padding) tokens. -> broadcastable to [B, 1, L, L].
   """
   idx_L = jnp.arange(valid_BxL.shape[1])
   if kind == 'bidirectional':
@@ -72,9 +82,12 @@ def self_attention_mask(kind: str, valid_BxL: Array, *, prefix_len_B: Optional[A
   elif kind == 'causal':
     structure = causal_mask(idx_L, idx_L)
   elif kind == 'prefix':
-    if prefix_len_B is None:
-      raise ValueError("mask kind 'prefix' needs prefix_len")
-    structure = prefix_lm_mask(prefix_len_B, idx_L, idx_L)
+    if prefix_len_B is not None:
+      structure = prefix_lm_mask(prefix_len_B, idx_L, idx_L)
+    elif in_prefix_BxL is not None:
+      structure = source_prefix_mask(in_prefix_BxL, idx_L, idx_L)
+    else:
+      raise ValueError("mask kind 'prefix' needs prefix_len (or in_prefix for packed rows)")
   else:
     raise ValueError(f'Unknown mask kind {kind!r}; expected bidirectional, causal or prefix.')
   segments = (None if segment_ids_BxL is None

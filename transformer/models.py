@@ -134,8 +134,10 @@ class SingleStack(nn.Module):
       cache_slot, positions, mask = self.cursor(valid_BxL, prefix_len)
     else:
       positions = default_positions(inputs_BxL) if positions is None else positions
+      # Packed prefix-LM rows carry no prefix_len: each example's source has token type 0.
+      in_prefix = None if token_types is None else (token_types == 0) & valid_BxL
       mask = masks.self_attention_mask(self.mask_kind, valid_BxL, prefix_len_B=prefix_len,
-                                       segment_ids_BxL=segment_ids)
+                                       in_prefix_BxL=in_prefix, segment_ids_BxL=segment_ids)
     x_BxLxD = self.embedder(inputs_BxL, positions, token_types, deterministic=deterministic)
     x_BxLxD = self.stack(x_BxLxD, mask, deterministic=deterministic, decode=decode,
                          cache_slot=cache_slot)

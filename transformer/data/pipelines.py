@@ -124,6 +124,7 @@ def prefix_lm(config, tokenizer: Tokenizer) -> Objective:
   """One stack on seq = source + bos + target + eos: inputs = seq[:-1], targets = seq[1:] [S+T+1].
 
   prefix_len = len(source): the bidirectional part; loss (weights) and token_types 1 from there on.
+  Packed rows drop prefix_len: the model finds each example's source by its token type 0.
   """
 
   def features(example, rng=None):
@@ -131,13 +132,17 @@ def prefix_lm(config, tokenizer: Tokenizer) -> Objective:
     source, target = example
     seq = np.concatenate([source, [BOS_ID], target, [EOS_ID]])
     in_target = np.arange(len(seq) - 1) >= len(source)
-    return {'inputs': seq[:-1], 'targets': seq[1:], 'weights': in_target.astype(np.float32),
-            'token_types': in_target.astype(np.int32), 'prefix_len': np.int32(len(source))}
+    out = {'inputs': seq[:-1], 'targets': seq[1:], 'weights': in_target.astype(np.float32),
+           'token_types': in_target.astype(np.int32)}
+    if not config.packing:
+      out['prefix_len'] = np.int32(len(source))
+    return out
 
   length = config.max_source_len + config.max_target_len + 1
   return Objective(examples=functools.partial(_pair_examples, config, tokenizer),
                    features=features,
-                   lengths=dict(inputs=length, targets=length, weights=length, token_types=length))
+                   lengths=dict(inputs=length, targets=length, weights=length, token_types=length),
+                   packed={'inputs': ''})
 
 
 def causal_lm(config, tokenizer: Tokenizer) -> Objective:
@@ -226,7 +231,8 @@ def get_objective(config, tokenizer: Tokenizer) -> Objective:
     raise ValueError(f'Unknown variant {config.variant!r}: {", ".join(OBJECTIVES)}.')
   objective = OBJECTIVES[config.variant](config, tokenizer)
   if config.packing and not objective.packed:
-    raise ValueError(f'packing applies to original and bert_mlm, not {config.variant}.')
+    packable = ', '.join(v for v in OBJECTIVES if OBJECTIVES[v](config, tokenizer).packed)
+    raise ValueError(f'config.packing applies to {packable}, not {config.variant}.')
   return objective
 
 
