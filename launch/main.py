@@ -20,8 +20,9 @@ config_flags.DEFINE_config_file('config', None, 'A configs/VARIANT.py:SIZE file.
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and outputs.')
 flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')
-flags.DEFINE_enum('checkpoint', 'latest', ('latest', 'best'),
-                  'Non-train modes: which checkpoint of the workdir to load.')
+flags.DEFINE_string('checkpoint', 'latest',
+                    'Non-train modes: which checkpoint of the workdir to load: latest | best | '
+                    'a step number.')
 flags.DEFINE_string('split', 'validation', 'eval: the split to evaluate (validation | test).')
 flags.DEFINE_string('input', None, 'translate: a file of source lines (default: stdin).')
 flags.DEFINE_string('output', None, 'translate: where to write translations (default: stdout).')
@@ -38,6 +39,8 @@ def main(argv):
   writer.quiet_library_logs()
   distributed.initialize()
   f = flags.FLAGS
+  if f.checkpoint not in ('latest', 'best') and not f.checkpoint.isdigit():
+    raise app.UsageError(f'--checkpoint={f.checkpoint}: expected latest, best or a step number.')
   config, workdir = f.config, f.workdir
   logging.info('mode=%s workdir=%s config:\n%s', f.mode, workdir, config)
   if f.mode == 'train':

@@ -38,7 +38,7 @@ def test_translate_keeps_one_line_per_input_line(trained, tmp_path, caplog):
 def test_eval_writes_json_with_bleu_and_signature(trained):
   config, workdir = trained
   result = inference.run_eval(config, workdir, 'validation')
-  name = f'eval_validation_beam{config.beam_size}_lp{config.length_penalty:g}.json'
+  name = f'eval_validation_step2_beam{config.beam_size}_lp{config.length_penalty:g}.json'
   with open(os.path.join(workdir, name), encoding='utf-8') as f:
     assert json.load(f) == result
   assert result['step'] == 2 and result['ppl'] > 1
@@ -61,6 +61,13 @@ def test_modes_refuse_the_wrong_variant(trained):
     inference.run_generate(config, workdir, 'A', 1)
   with pytest.raises(ValueError, match='needs bert_mlm'):
     inference.run_fill_mask(config, workdir, 'A <mask>.')
+
+
+def test_checkpoint_by_step(trained):
+  config, workdir = trained
+  assert inference.restore(config, workdir, '2')[2] == 2
+  with pytest.raises(ValueError, match='No checkpoint of step 7 .* holds steps 2'):
+    inference.restore(config, workdir, '7')
 
 
 def test_missing_checkpoint_says_where_it_looked(tmp_path):

@@ -1,6 +1,6 @@
 """Using a trained model from its workdir: the eval, translate, generate and fill_mask modes.
 
-Each mode restores the latest (or best) checkpoint of a workdir into the config's mesh.
+Each mode restores the latest (or best, or a given step's) checkpoint of a workdir into the config's mesh.
 """
 
 import json
@@ -16,7 +16,7 @@ from transformer import checkpoint, data, decode, evaluate, optim, train, visual
 
 
 def restore(config, workdir: str, which: str = 'latest'):
-  """(experiment, params, step) of the `which` ('latest' | 'best') checkpoint of workdir."""
+  """(experiment, params, step) of the `which` ('latest' | 'best' | a step) checkpoint of workdir."""
   exp = train.Experiment(config)
   abstract, _ = exp.abstract_state()
   ckpt = checkpoint.Checkpointer(workdir, config, exp.tokenizer.vocab_size)
@@ -25,7 +25,12 @@ def restore(config, workdir: str, which: str = 'latest'):
     raise FileNotFoundError(f'No checkpoint in {ckpt.directory}: train first with --mode=train '
                             f'--workdir={workdir}')
   step = None
-  if which == 'best':
+  if which.isdigit():
+    step = int(which)
+    if step not in steps:
+      raise ValueError(f'No checkpoint of step {step} in {ckpt.directory}; it holds steps '
+                       f'{", ".join(map(str, steps))}.')
+  elif which == 'best':
     step = ckpt.best_step()
     if step is None:
       raise ValueError(f'No checkpoint in {ckpt.directory} has {config.best_metric!r}; use '
@@ -39,9 +44,9 @@ def restore(config, workdir: str, which: str = 'latest'):
 def run_eval(config, workdir: str, split: str, which: str = 'latest') -> dict:
   """Loss/perplexity/accuracy of a whole split, plus BLEU and chrF for translation variants.
 
-  Writes WORKDIR/eval_<split>.json (translation: eval_<split>_greedy.json or
-  eval_<split>_beam<k>_lp<alpha>.json, so that decoding settings compared on validation keep
-  their own files) and returns its content.
+  Writes WORKDIR/eval_<split>_step<N>.json (translation: ..._greedy.json or
+  ..._beam<k>_lp<alpha>.json, so that checkpoints and decoding settings compared on validation
+  keep their own files) and returns its content.
   """
   exp, params, step = restore(config, workdir, which)
   batches = data.make_eval_batches(config, exp.tokenizer, split,
@@ -59,7 +64,7 @@ def run_eval(config, workdir: str, split: str, which: str = 'latest') -> dict:
     print(f'BLEU {scores["bleu_lc"]:.2f} ({scores["bleu_lc_signature"]})')
     print(f'chrF {scores["chrf"]:.2f} ({scores["chrf_signature"]})')
   if jax.process_index() == 0:
-    path = os.path.join(workdir, f'eval_{split}{_decode_suffix(config)}.json')
+    path = os.path.join(workdir, f'eval_{split}_step{step}{_decode_suffix(config)}.json')
     with open(path, 'w', encoding='utf-8') as f:
       json.dump(result, f, indent=2)
     logging.info('Wrote %s', path)
