@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from transformer import data, perf, sharding, train
+from transformer import data, distributed, perf, sharding, train
 
 config_flags.DEFINE_config_file('config', None, 'A configs/VARIANT.py:SIZE file.',
                                 lock_config=True)
@@ -39,6 +39,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   config = flags.FLAGS.config
+  distributed.initialize(config.num_cpu_devices)
   num_steps, warmup = flags.FLAGS.steps, flags.FLAGS.warmup_steps
   exp = train.Experiment(config)
   iterator = data.make_train_iterator(config, exp.tokenizer)

@@ -37,8 +37,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   writer.quiet_library_logs()
-  distributed.initialize()
   f = flags.FLAGS
+  distributed.initialize(f.config.num_cpu_devices)
   if f.checkpoint not in ('latest', 'best') and not f.checkpoint.isdigit():
     raise app.UsageError(f'--checkpoint={f.checkpoint}: expected latest, best or a step number.')
   config, workdir = f.config, f.workdir

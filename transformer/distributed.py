@@ -70,11 +70,14 @@ def explicit_arguments(env=None) -> dict:
               process_id=process_id)
 
 
-def initialize():
+def initialize(num_cpu_devices: int = -1):
   """Starts the distributed runtime when the environment describes several processes.
 
-  Call once, before anything touches a device. A no-op for a single process.
+  Call once, before anything touches a device. num_cpu_devices > 0 splits the host CPU into that
+  many JAX devices (config.num_cpu_devices); otherwise a no-op for a single process.
   """
+  if num_cpu_devices > 0:
+    jax.config.update('jax_num_cpu_devices', num_cpu_devices)
   kind = cluster_kind()
   if kind is None:
     return
