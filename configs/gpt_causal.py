@@ -16,6 +16,7 @@ SIZES = dict(
     # nanoGPT's shakespeare_char CPU recipe shape: 4 layers, 4 heads, width 128, block 64, batch 12.
     small=dict(d_model=128, num_heads=4, num_layers=4, d_ff=512, block_size=64, max_len=64,
                batch_size=12, num_train_steps=2000, eval_every_steps=250, max_eval_batches=20,
+               num_cpu_devices=2,
                decode_max_len=60),  # learned positions: prompt + output <= max_len
     base=dict(common.BASE, max_len=256, block_size=256, num_train_steps=5000,
               learning_rate=6e-4),
