@@ -1,6 +1,7 @@
 """Using a trained model from its workdir: the eval, translate, generate and fill_mask modes.
 
-Each mode restores the latest (or best, or a given step's) checkpoint of a workdir into the config's mesh.
+Each mode restores the latest (or best, or a given step's) checkpoint of a workdir into the
+config's mesh.
 """
 
 import json
