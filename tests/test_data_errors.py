@@ -123,7 +123,8 @@ def test_monolingual_data_for_translation_is_refused(tmp_path):
 def test_unsupported_packing_is_refused(tmp_path):
   config = text_config(gpt_causal, tmp_path, write(tmp_path / 'mono.txt', 'abc\n' * 50),
                        packing=True, block_size=8)
-  with pytest.raises(ValueError, match='packing applies to original, unilm_prefix, bert_mlm, not gpt_causal'):
+  with pytest.raises(ValueError,
+                     match='packing applies to original, unilm_prefix, bert_mlm, not gpt_causal'):
     data.make_train_iterator(config, data.get_tokenizer(config))
 
 

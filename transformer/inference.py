@@ -17,7 +17,7 @@ from transformer import checkpoint, data, decode, evaluate, optim, train, visual
 
 
 def restore(config, workdir: str, which: str = 'latest'):
-  """(experiment, params, step) of the `which` ('latest' | 'best' | a step) checkpoint of workdir."""
+  """(experiment, params, step) of workdir's `which` ('latest' | 'best' | a step) checkpoint."""
   exp = train.Experiment(config)
   abstract, _ = exp.abstract_state()
   ckpt = checkpoint.Checkpointer(workdir, config, exp.tokenizer.vocab_size)
