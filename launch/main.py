@@ -22,7 +22,7 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and output
 flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')
 flags.DEFINE_string('checkpoint', 'latest',
                     'Non-train modes: which checkpoint of the workdir to load: latest | best | '
-                    'a step number.')
+                    'a step number | comma-separated steps, whose parameters are averaged.')
 flags.DEFINE_string('split', 'validation', 'eval: the split to evaluate (validation | test).')
 flags.DEFINE_string('input', None, 'translate: a file of source lines (default: stdin).')
 flags.DEFINE_string('output', None, 'translate: where to write translations (default: stdout).')
@@ -39,8 +39,10 @@ def main(argv):
   writer.quiet_library_logs()
   f = flags.FLAGS
   distributed.initialize(f.config.num_cpu_devices)
-  if f.checkpoint not in ('latest', 'best') and not f.checkpoint.isdigit():
-    raise app.UsageError(f'--checkpoint={f.checkpoint}: expected latest, best or a step number.')
+  if f.checkpoint not in ('latest', 'best') and not all(
+      step.isdigit() for step in f.checkpoint.split(',')):
+    raise app.UsageError(f'--checkpoint={f.checkpoint}: expected latest, best, a step number or '
+                         'comma-separated step numbers.')
   config, workdir = f.config, f.workdir
   logging.info('mode=%s workdir=%s config:\n%s', f.mode, workdir, config)
   if f.mode == 'train':

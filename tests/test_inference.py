@@ -3,6 +3,8 @@
 import json
 import os
 
+import jax
+import numpy as np
 import pytest
 
 from configs import bert_mlm, gpt_causal
@@ -14,9 +16,9 @@ pytestmark = pytest.mark.skipif(not run_helpers.HAVE_CORPUS, reason='no shared c
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  """(config, workdir) of original:tiny trained for 2 steps."""
+  """(config, workdir) of original:tiny trained for 2 steps, with checkpoints of steps 1 and 2."""
   config = run_helpers.make_config(run_helpers.prepared_data_dir(), num_train_steps=2,
-                                   decode_max_len=8, beam_size=2)
+                                   checkpoint_every_steps=1, decode_max_len=8, beam_size=2)
   workdir = str(tmp_path_factory.mktemp('trained'))
   train.train_and_evaluate(config, workdir)
   return config, workdir
@@ -65,9 +67,25 @@ def test_modes_refuse_the_wrong_variant(trained):
 
 def test_checkpoint_by_step(trained):
   config, workdir = trained
-  assert inference.restore(config, workdir, '2')[2] == 2
-  with pytest.raises(ValueError, match='No checkpoint of step 7 .* holds steps 2'):
-    inference.restore(config, workdir, '7')
+  assert inference.restore(config, workdir, '1')[2] == [1]
+  assert inference.restore(config, workdir, 'latest')[2] == [2]
+  with pytest.raises(ValueError, match='No checkpoint of step 7 .* holds steps 1, 2'):
+    inference.restore(config, workdir, '1,7')
+
+
+def test_averaged_checkpoints_are_the_mean_of_their_parameters(trained):
+  config, workdir = trained
+  _, params_1, _ = inference.restore(config, workdir, '1')
+  _, params_2, _ = inference.restore(config, workdir, '2')
+  _, averaged, steps = inference.restore(config, workdir, '1,2')
+  assert steps == [1, 2]
+  differs = jax.tree.map(lambda a, b: bool(np.any(a != b)), params_1, params_2)
+  assert any(jax.tree.leaves(differs))  # Otherwise the mean could not be told from either one.
+  jax.tree.map(lambda a, b, m: np.testing.assert_allclose(m, (a + b) / 2, rtol=1e-6, atol=1e-7),
+               params_1, params_2, averaged)
+  result = inference.run_eval(config, workdir, 'validation', '1,2')
+  assert result['averaged_steps'] == [1, 2] and os.path.exists(os.path.join(
+      workdir, f'eval_validation_avg1-2_beam{config.beam_size}_lp{config.length_penalty:g}.json'))
 
 
 def test_missing_checkpoint_says_where_it_looked(tmp_path):

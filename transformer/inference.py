@@ -17,44 +17,53 @@ from transformer import checkpoint, data, decode, evaluate, optim, train, visual
 
 
 def restore(config, workdir: str, which: str = 'latest'):
-  """(experiment, params, step) of workdir's `which` ('latest' | 'best' | a step) checkpoint."""
+  """(experiment, params, steps) of workdir's `which` checkpoint.
+
+  `which` is 'latest', 'best', a step, or comma-separated steps whose parameters are averaged
+  (the paper evaluates the average of its last checkpoints); `steps` lists the steps loaded.
+  """
   exp = train.Experiment(config)
   abstract, _ = exp.abstract_state()
   ckpt = checkpoint.Checkpointer(workdir, config, exp.tokenizer.vocab_size)
-  steps = ckpt.all_steps()
-  if not steps:
+  kept = ckpt.all_steps()
+  if not kept:
     raise FileNotFoundError(f'No checkpoint in {ckpt.directory}: train first with --mode=train '
                             f'--workdir={workdir}')
-  step = None
-  if which.isdigit():
-    step = int(which)
-    if step not in steps:
-      raise ValueError(f'No checkpoint of step {step} in {ckpt.directory}; it holds steps '
-                       f'{", ".join(map(str, steps))}.')
+  if which == 'latest':
+    steps = [None]
   elif which == 'best':
-    step = ckpt.best_step()
-    if step is None:
+    steps = [ckpt.best_step()]
+    if steps[0] is None:
       raise ValueError(f'No checkpoint in {ckpt.directory} has {config.best_metric!r}; use '
                        '--checkpoint=latest.')
-  state, step = ckpt.restore(abstract, step=step)
+  else:
+    steps = [int(s) for s in which.split(',')]
+    missing = [s for s in steps if s not in kept]
+    if missing:
+      raise ValueError(f'No checkpoint of step {", ".join(map(str, missing))} in '
+                       f'{ckpt.directory}; it holds steps {", ".join(map(str, kept))}.')
+  restored = [ckpt.restore(abstract, step=step) for step in steps]
   ckpt.close()
-  logging.info('Restored step %d from %s.', step, ckpt.directory)
-  return exp, state.params, step
+  steps = [step for _, step in restored]
+  params = jax.tree.map(lambda *p: sum(p) / len(p), *[state.params for state, _ in restored])
+  logging.info('Restored step %s from %s%s.', ', '.join(map(str, steps)), ckpt.directory,
+               ' (parameters averaged)' if len(steps) > 1 else '')
+  return exp, params, steps
 
 
 def run_eval(config, workdir: str, split: str, which: str = 'latest') -> dict:
   """Loss/perplexity/accuracy of a whole split, plus BLEU and chrF for translation variants.
 
-  Writes WORKDIR/eval_<split>_step<N>.json (translation: ..._greedy.json or
-  ..._beam<k>_lp<alpha>.json, so that checkpoints and decoding settings compared on validation
-  keep their own files) and returns its content.
+  Writes WORKDIR/eval_<split>_step<N>.json (averaged checkpoints: eval_<split>_avg<N1>-<N2>.json;
+  translation: ..._greedy.json or ..._beam<k>_lp<alpha>.json, so that checkpoints and decoding
+  settings compared on validation keep their own files) and returns its content.
   """
-  exp, params, step = restore(config, workdir, which)
+  exp, params, steps = restore(config, workdir, which)
   batches = data.make_eval_batches(config, exp.tokenizer, split,
                                    process_index=jax.process_index(),
                                    process_count=jax.process_count())
   eval_fn = train.jit_eval_step(exp.model, config, exp.mesh, None)
-  result = dict(split=split, step=step, checkpoint=which,
+  result = dict(split=split, step=steps[-1], checkpoint=which, averaged_steps=steps,
                 **evaluate.loss_metrics(exp, eval_fn, params, batches))
   if config.variant in evaluate.TRANSLATION_VARIANTS:
     scores, hypotheses = evaluate.translation_scores(exp, params, split,
@@ -65,7 +74,8 @@ def run_eval(config, workdir: str, split: str, which: str = 'latest') -> dict:
     print(f'BLEU {scores["bleu_lc"]:.2f} ({scores["bleu_lc_signature"]})')
     print(f'chrF {scores["chrf"]:.2f} ({scores["chrf_signature"]})')
   if jax.process_index() == 0:
-    path = os.path.join(workdir, f'eval_{split}_step{step}{_decode_suffix(config)}.json')
+    name = f'step{steps[0]}' if len(steps) == 1 else 'avg' + '-'.join(map(str, steps))
+    path = os.path.join(workdir, f'eval_{split}_{name}{_decode_suffix(config)}.json')
     with open(path, 'w', encoding='utf-8') as f:
       json.dump(result, f, indent=2)
     logging.info('Wrote %s', path)
