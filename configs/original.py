@@ -10,8 +10,8 @@ SIZES = dict(
     # CPU recipe: ~7.6 M parameters with the joint 8k vocabulary. Rows of 64 tokens packed with
     # ~4 sentence pairs each (padding would waste ~3/4 of the compute on Multi30k).
     small=dict(d_model=256, num_heads=4, num_layers=3, num_decoder_layers=3, d_ff=1024,
-               packing=True, batch_size=32, learning_rate=0.5, warmup_steps=300, num_cpu_devices=2,
-               num_train_steps=1400, eval_every_steps=350, checkpoint_every_steps=350,
+               packing=True, batch_size=32, learning_rate=0.5, warmup_steps=300,
+               num_train_steps=4200, eval_every_steps=600, checkpoint_every_steps=600,
                log_every_steps=25,
                bleu_max_sentences=1014),
     base=common.BASE,
