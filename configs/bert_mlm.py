@@ -16,7 +16,7 @@ SIZES = dict(
     # A short CPU recipe: sentences packed ~4 per 64-token row, 64 rows per step.
     small=dict(d_model=256, num_heads=4, num_layers=4, d_ff=1024, packing=True, batch_size=64,
                learning_rate=1e-3, warmup_steps=40, num_train_steps=200, eval_every_steps=100,
-               checkpoint_every_steps=100, log_every_steps=20, num_cpu_devices=2),
+               checkpoint_every_steps=100, log_every_steps=20),
     base=dict(common.BASE, block_size=128, max_len=128),
 )
 

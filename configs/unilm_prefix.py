@@ -14,8 +14,7 @@ SIZES = dict(
     # same packed token budget per step (32 rows of 129 = 64 source + 65 target slots).
     small=dict(d_model=256, num_heads=4, num_layers=6, d_ff=1024, packing=True, batch_size=32,
                learning_rate=0.5, warmup_steps=300, num_train_steps=350, eval_every_steps=350,
-               checkpoint_every_steps=350, log_every_steps=25, bleu_max_sentences=1014,
-               num_cpu_devices=2),
+               checkpoint_every_steps=350, log_every_steps=25, bleu_max_sentences=1014),
     base=dict(common.BASE, num_layers=12),
 )
 
