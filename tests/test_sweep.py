@@ -60,8 +60,9 @@ def test_spec_file_runs_times_seeds_and_the_flags_on_top(tmp_path):
   ablation = sweep.load_sweep(os.path.join(ROOT, 'configs', 'sweeps', 'original_ablation.py'),
                               None, [], [], None)
   assert [r.name for r in sweep.expand(ablation)] == [
-      'baseline,seed=0', 'pre_ln,seed=0', 'no_label_smoothing,seed=0', 'learned_positions,seed=0',
-      'untied_embeddings,seed=0']
+      f'{name},seed={seed}' for name in ('baseline', 'pre_ln', 'no_label_smoothing',
+                                         'learned_positions', 'untied_embeddings')
+      for seed in (0, 1)]
 
 
 @pytest.mark.parametrize('grid, sets, named', [
