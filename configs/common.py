@@ -84,7 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh_tensor = 1  # Devices on the tensor axis (attention heads and feed-forward units split).
   c.num_cpu_devices = -1  # CPU backend: split the host into this many JAX devices (-1 = one), e.g.
   # to try sharding on a laptop. Not a default: with as many devices as cores, XLA's in-process
-  # all-reduce can starve its own thread pool and abort after 40 s (seen once in ~10 runs on 2 cores).
+  # all-reduce can starve its own thread pool and abort after 40 s (seen with 2 devices, 2 cores).
 
   # --- Evaluation, logging, checkpoints -------------------------------------------------------
   c.log_every_steps = 50  # Train metrics to metrics.jsonl / TensorBoard / console.
