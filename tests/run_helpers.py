@@ -35,7 +35,9 @@ def overrides(data_dir: str, **extra) -> dict:
   return dict(dict(dataset='text', text_train_files=files['train'], text_eval_files=files['eval'],
                    data_dir=data_dir, bleu_max_sentences=0, log_every_steps=1,
                    eval_every_steps=1000, checkpoint_every_steps=1000, max_eval_batches=1,
-                   batch_size=8, eval_batch_size=8, peak_flops=1e11), **extra)
+                   batch_size=8, eval_batch_size=8, peak_flops=1e11,
+                   num_cpu_devices=-1),  # the devices XLA_FLAGS gives, in and out of process
+              **extra)
 
 
 def make_config(data_dir: str, **extra):

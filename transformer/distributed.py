@@ -92,6 +92,18 @@ def initialize(num_cpu_devices: int = -1):
                'on' if preemption_service_running() else 'off')
 
 
+def one_computation_at_a_time() -> bool:
+  """Whether to wait for each computation before launching the next (several CPU devices).
+
+  The devices of one CPU process exchange data through in-process collectives, and jaxlib 0.10's
+  CPU client can deadlock when a computation is launched while the previous one waits in such a
+  collective (seen with two devices: one thread waits in the all-reduce for a launch that waits
+  for it; after 40 s XLA aborts the process). Waiting costs little: callers prepare the next
+  batch first.
+  """
+  return jax.local_devices()[0].platform == 'cpu' and jax.local_device_count() > 1
+
+
 def preemption_service_running() -> bool:
   """Whether JAX's preemption sync service runs (jax.distributed.initialize starts it)."""
   try:
