@@ -16,7 +16,9 @@ SIZES = dict(
     # nanoGPT's shakespeare_char CPU recipe shape: 4 layers, 4 heads, width 128, block 64, batch 12.
     small=dict(d_model=128, num_heads=4, num_layers=4, d_ff=512, block_size=64, max_len=64,
                batch_size=12, num_train_steps=2000, eval_every_steps=250, max_eval_batches=20,
-               decode_max_len=60),  # learned positions: prompt + output <= max_len
+               decode_max_len=60,  # learned positions: prompt + output <= max_len
+               # Small buffers: one malloc arena costs more (lock contention) than it saves.
+               keep_host_memory=False),
     # The 30-minute CPU recipe: 4.8 M parameters, 256-character context, light dropout; the whole
     # validation split at each evaluation.
     medium=dict(d_model=256, num_heads=4, num_layers=6, d_ff=1024, block_size=256, max_len=256,

@@ -40,7 +40,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   config = flags.FLAGS.config
-  distributed.initialize(config.num_cpu_devices)
+  distributed.initialize(config.num_cpu_devices, config.keep_host_memory)
   num_steps, warmup = flags.FLAGS.steps, flags.FLAGS.warmup_steps
   exp = train.Experiment(config)
   iterator = data.make_train_iterator(config, exp.tokenizer)

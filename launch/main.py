@@ -38,7 +38,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   writer.quiet_library_logs()
   f = flags.FLAGS
-  distributed.initialize(f.config.num_cpu_devices)
+  distributed.initialize(f.config.num_cpu_devices, f.config.keep_host_memory)
   if f.checkpoint not in ('latest', 'best') and not all(
       step.isdigit() for step in f.checkpoint.split(',')):
     raise app.UsageError(f'--checkpoint={f.checkpoint}: expected latest, best, a step number or '

@@ -8,8 +8,11 @@ restart resumes from there.
 
 import json
 import os
+import platform
 import re
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -28,6 +31,14 @@ def test_cluster_kind_from_environment():
   assert distributed.cluster_kind({'OMPI_MCA_orte_hnp_uri': 'x', 'OMPI_COMM_WORLD_SIZE': '4'}) \
       == 'mpi'
   assert distributed.cluster_kind({'TPU_WORKER_HOSTNAMES': 'a,b'}) == 'tpu'
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc only')
+def test_glibc_accepts_every_malloc_setting():
+  # In a fresh process: the settings stay with the process that makes them.
+  code = 'from transformer import distributed; print(distributed.keep_freed_memory())'
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == 'True', out.stderr
 
 
 def test_explicit_arguments_are_checked():
