@@ -94,8 +94,9 @@ def smoothed_cross_entropy(logits_BxLxV: Array, targets_BxL: Array,
 
   The smoothed loss is KL(q || p) with q = (1 - eps) on the target and eps / (V - 1) elsewhere:
   cross-entropy minus q's entropy, so that a perfect model (p = q) scores exactly 0.
-  The gradient is written by hand (p - q), one pass over the logits: automatic differentiation
-  of the same formula makes four, a tenth of an original:small step on CPU.
+  The gradient is written by hand (p - q), one pass over the logits where automatic
+  differentiation of the same formula makes several: with argmax gone too, original:small's CPU
+  step went from 625 to 556 ms.
   """
   batch, length, vocab_size = logits_BxLxV.shape
   outputs = _fused_token_losses(logits_BxLxV.astype(jnp.float32).reshape(-1, vocab_size),
