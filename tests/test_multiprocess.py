@@ -114,10 +114,11 @@ def test_two_processes_equal_one_and_stop_together_on_sigterm(tmp_path, monkeypa
   assert [step for step, _ in losses] == list(range(1, end + 1))  # written once, by process 0
   assert [step for step, _ in reference_losses] == list(range(1, end + 1))
   assert [x for _, x in losses] == pytest.approx([x for _, x in reference_losses], rel=1e-5)
-  # Only the order of the gradient all-reduce differs (gloo across processes, in-process within
-  # one); Adam's normalisation magnifies that float noise where gradients are tiny. A wrong shard
-  # or dropout mask would differ by far more.
+  # Only the order of float sums differs (gloo across processes, in-process within one). Over up
+  # to 41 steps that noise grows: Adam magnifies it where gradients are tiny, and a ReLU unit near
+  # zero can flip (seen: one feed-forward unit's weights off by 4e-5). A wrong shard or dropout
+  # mask moves parameters by the order of the learning rate (0.056 at its peak here) instead.
   for step in (stop, end):
     rh.assert_trees_equal(rh.restore_state(workdir, config, step).params,
                           rh.restore_state(reference, config, step).params,
-                          rtol=1e-4, atol=1e-5)
+                          rtol=1e-3, atol=5e-4)
