@@ -53,18 +53,15 @@ def main(argv):
   start = time.perf_counter()
   compiled = step_fn.lower(state, batches[0]).compile()
   compile_s = time.perf_counter() - start
-  wait_each_step = distributed.one_computation_at_a_time()  # as the training loop does
   for batch in batches[:warmup + 1]:
-    if wait_each_step:
-      jax.block_until_ready(state)
+    distributed.wait_before_launch(state)  # as the training loop does
     state, _ = compiled(state, batch)
   jax.block_until_ready(state)
 
   timed = batches[warmup + 1:]
   start = time.perf_counter()
   for batch in timed:
-    if wait_each_step:
-      jax.block_until_ready(state)
+    distributed.wait_before_launch(state)
     state, metrics = compiled(state, batch)
   jax.block_until_ready((state, metrics))
   step_s = (time.perf_counter() - start) / len(timed)

@@ -129,6 +129,12 @@ def one_computation_at_a_time() -> bool:
   return jax.local_devices()[0].platform == 'cpu' and jax.local_device_count() > 1
 
 
+def wait_before_launch(previous_outputs):
+  """Call right before launching a computation: waits for `previous_outputs` where needed."""
+  if one_computation_at_a_time():
+    jax.block_until_ready(previous_outputs)
+
+
 def preemption_service_running() -> bool:
   """Whether JAX's preemption sync service runs (jax.distributed.initialize starts it)."""
   try:

@@ -16,11 +16,9 @@ TRANSLATION_VARIANTS = ('original', 'unilm_prefix')
 def loss_metrics(exp, eval_fn, params, batches) -> dict:
   """Token-weighted loss, NLL, perplexity and accuracy over `batches`."""
   sums = None
-  wait_each_batch = distributed.one_computation_at_a_time()
   for batch in batches:
     batch = sharding.global_batch(batch, exp.mesh)
-    if wait_each_batch:
-      jax.block_until_ready(sums)
+    distributed.wait_before_launch(sums)
     out = eval_fn(params, batch)
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   return objectives.summarize(jax.device_get(sums))

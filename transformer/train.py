@@ -241,13 +241,11 @@ def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict]:
   eval_fn = jit_eval_step(exp.model, config, exp.mesh, shardings.params)
   throughput = _Throughput(config, exp.tokenizer.vocab_size)
   pending, last_eval = [], {}
-  wait_each_step = distributed.one_computation_at_a_time()
   with distributed.PreemptionNotice(config.log_every_steps) as preempted:
     for step in range(start_step, config.num_train_steps):
       local_batch = next(train_iter)
       batch = sharding.global_batch(local_batch, exp.mesh)
-      if wait_each_step:
-        jax.block_until_ready(state)
+      distributed.wait_before_launch(state)
       state, metrics = step_fn(state, batch)
       if step == start_step:
         jax.block_until_ready(state)
