@@ -7,7 +7,7 @@ Trained on monolingual text: by default both sides of multi30k. Usage:
 from configs import common
 
 OVERRIDES = dict(
-    activation='gelu', positional='learned', label_smoothing=0.0, num_token_types=2,
+    activation='gelu_tanh', positional='learned', label_smoothing=0.0, num_token_types=2,
     schedule='cosine', learning_rate=5e-4, warmup_steps=200, weight_decay=0.01, eps=1e-6,
     bleu_max_sentences=0, block_size=64, max_len=64)
 

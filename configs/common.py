@@ -25,15 +25,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_layers = 6  # Layers of the encoder (or of the single stack).
   c.num_decoder_layers = 6  # Layers of the decoder (encoder-decoder only).
   c.d_ff = 2048  # Hidden units of the position-wise feed-forward network.
-  c.activation = 'relu'  # relu (the paper) | gelu.
+  c.activation = 'relu'  # relu (the paper) | gelu (exact, erf) | gelu_tanh (its tanh form) | silu.
   c.dropout_rate = 0.1  # Dropout on embeddings and on every sublayer output before the residual add.
   c.attention_dropout_rate = 0.0  # Dropout on attention probabilities.
   c.pre_ln = False  # False: post-LN as in the paper; True: pre-LN with a final LayerNorm.
   c.positional = 'sinusoidal'  # sinusoidal (the paper) | learned.
+  c.sinusoidal_layout = 'interleaved'  # interleaved: sin, cos, sin, ... (the paper's formula) |
+  # halves: all sines, then all cosines (Marian, tensor2tensor).
   c.max_len = 256  # Longest sequence the model accepts (learned positions, decode caches).
   c.share_embeddings = True  # Encoder and decoder share one token embedding (joint vocabulary).
   c.tie_output = True  # Output projection is the transposed token embedding.
   c.num_token_types = 0  # >0 adds segment (token-type) embeddings (bert_mlm, unilm_prefix).
+  c.attention_bias = False  # Biases on the query/key/value/output projections (the paper: none).
+  c.scale_embeddings = True  # Token embeddings x sqrt(d_model) (the paper; BERT and GPT-2: no).
+  c.embedding_norm = False  # LayerNorm on the summed embeddings, before dropout (BERT).
+  c.layer_norm_epsilon = 1e-6  # Epsilon of every LayerNorm (PyTorch's default is 1e-5).
+  c.logits_bias = False  # A learned bias on the output logits (Marian's final_logits_bias).
   c.dtype = 'float32'  # Compute dtype: float32 | bfloat16. Parameters stay float32.
 
   # --- Data ----------------------------------------------------------------------------------
@@ -46,7 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.text_train_files = config_dict.placeholder(str)  # dataset=text: comma-separated train files
   # (one example per line; for pairs give source and target files separated by ':').
   c.text_eval_files = config_dict.placeholder(str)  # dataset=text: the same for validation.
-  c.tokenizer = 'sentencepiece'  # sentencepiece | char (character vocabulary).
+  c.tokenizer = 'sentencepiece'  # sentencepiece | char (character vocabulary) | huggingface
+  # (a converted model's tokenizer.json, in hf_tokenizer_dir).
+  c.hf_tokenizer_dir = config_dict.placeholder(str)  # tokenizer=huggingface: its folder.
   c.vocab_size = 8000  # Sentencepiece vocabulary size (joint source+target for translation).
   c.spm_model_type = 'bpe'  # Sentencepiece algorithm: bpe | unigram.
   c.max_source_len = 64  # Source tokens kept (longer examples are filtered and counted).

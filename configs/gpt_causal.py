@@ -6,7 +6,7 @@ Usage: --config=configs/gpt_causal.py:SIZE with SIZE in tiny | small | medium | 
 from configs import common
 
 OVERRIDES = dict(
-    dataset='tiny_shakespeare', tokenizer='char', pre_ln=True, activation='gelu',
+    dataset='tiny_shakespeare', tokenizer='char', pre_ln=True, activation='gelu_tanh',
     positional='learned', label_smoothing=0.0, dropout_rate=0.0, schedule='cosine',
     learning_rate=1e-3, warmup_steps=100, b2=0.99, eps=1e-8, weight_decay=0.1,
     bleu_max_sentences=0, top_k=0, temperature=0.8)

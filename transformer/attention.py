@@ -33,6 +33,7 @@ class MultiHeadAttention(nn.Module):
   num_heads: int
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  use_bias: bool = False  # Biases on the four projections (BERT, GPT-2, Marian have them).
 
   @nn.compact
   def __call__(self, x_BxQxD: Array, kv_BxKxD: Array, mask_Bx1xQxK: Optional[Array], *,
@@ -43,10 +44,10 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f'd_model={d_model} is not divisible by num_heads={self.num_heads}')
     head_dim = d_model // self.num_heads
 
-    # No biases, as in the paper (W^Q, W^K, W^V, W^O); a key bias would get an exactly-zero
-    # gradient (softmax is shift-invariant), which Adam turns into noise-driven updates.
+    # By default no biases, as in the paper (W^Q, W^K, W^V, W^O); a key bias would get an
+    # exactly-zero gradient (softmax is shift-invariant), which Adam turns into noisy updates.
     def project(x, name):  # [B, L, D] -> [B, L, H, E]
-      y = dense(d_model, ('embed', 'heads'), self.dtype, name, use_bias=False)(x)
+      y = dense(d_model, ('embed', 'heads'), self.dtype, name, use_bias=self.use_bias)(x)
       return y.reshape(*x.shape[:-1], self.num_heads, head_dim)
 
     q_BxQxHxE = project(x_BxQxD, 'query')
@@ -67,7 +68,7 @@ class MultiHeadAttention(nn.Module):
     weights_BxHxQxK = nn.Dropout(self.dropout_rate)(weights_BxHxQxK, deterministic=deterministic)
     out_BxQxHxE = jnp.einsum('bhqk,bkhe->bqhe', weights_BxHxQxK, v_BxKxHxE)
     out_BxQxD = out_BxQxHxE.reshape(*out_BxQxHxE.shape[:2], d_model)
-    return dense(d_model, ('heads', 'embed'), self.dtype, 'out', use_bias=False)(out_BxQxD)
+    return dense(d_model, ('heads', 'embed'), self.dtype, 'out', use_bias=self.use_bias)(out_BxQxD)
 
   def _update_cache(self, k_BxQxHxE, v_BxQxHxE, cache_slot):
     """Writes the new keys/values at slot `cache_slot` and returns the whole cache."""

@@ -15,6 +15,7 @@ again. If checkpoints exist but none restores, the run stops rather than start a
 A checkpoint of a model of another shape is refused, never overwritten.
 """
 
+import dataclasses
 import os
 import time
 
@@ -27,10 +28,12 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 from transformer import distributed
+from transformer.layers import ModelConfig
 
 # Config fields that change parameter shapes: a checkpoint must agree on all of them.
 SHAPE_FIELDS = ('variant', 'd_model', 'num_heads', 'num_layers', 'num_decoder_layers', 'd_ff',
-                'positional', 'max_len', 'share_embeddings', 'tie_output', 'num_token_types')
+                'positional', 'max_len', 'share_embeddings', 'tie_output', 'num_token_types',
+                'attention_bias', 'embedding_norm', 'logits_bias')
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -103,32 +106,39 @@ class Checkpointer:
         scored.append((value, step))
     return min(scored)[1] if scored else None
 
-  def check_compatible(self, step: int):
-    """Raises IncompatibleCheckpointError if checkpoint `step` holds a differently shaped model."""
+  def check_compatible(self, step: int) -> dict:
+    """The config saved with checkpoint `step`; raises IncompatibleCheckpointError if it holds a
+    differently shaped model."""
     saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     saved = saved['config']
-    fields = SHAPE_FIELDS + ('model_vocab_size',)
-    diff = {f: (saved.get(f), self.config_json.get(f)) for f in fields
-            if saved.get(f) != self.config_json.get(f)}
+    # A field newer than the checkpoint had its default then.
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    shape = {f: saved.get(f, defaults.get(f)) for f in SHAPE_FIELDS + ('model_vocab_size',)}
+    diff = {f: (shape[f], self.config_json.get(f)) for f in shape
+            if shape[f] != self.config_json.get(f)}
     if diff:
       lines = ', '.join(f'{f}: checkpoint {a!r} vs config {b!r}' for f, (a, b) in diff.items())
       raise IncompatibleCheckpointError(
           f'{self.directory}/{step} holds a model of another shape ({lines}). It is left '
           'untouched: use another --workdir, or the config it was trained with.')
+    return saved
 
   def save(self, step: int, state, data_iterator, metrics: dict | None = None) -> bool:
     """Starts an asynchronous save of `step`; False if orbax skips it (a newer step exists).
 
+    data_iterator None saves no data position (a converted model): training from that
+    checkpoint reads its data from the start.
     Raises NonFiniteStateError (and writes nothing) if the state holds NaN or Inf.
     """
     if not all_finite(state):
       raise NonFiniteStateError(
           f'Refusing to save step {step} to {self.directory}: the train state holds NaN or Inf. '
           'Earlier checkpoints are kept.')
-    saved = self.manager.save(step, metrics=metrics or {}, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        config=ocp.args.JsonSave(self.config_json)))
+    config = dict(self.config_json, has_data_state=data_iterator is not None)
+    items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config))
+    if data_iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+    saved = self.manager.save(step, metrics=metrics or {}, args=ocp.args.Composite(**items))
     if not saved:
       logging.warning('Checkpoint step %d was not saved: %s already holds step %s.', step,
                       self.directory, self.manager.latest_step())
@@ -136,9 +146,9 @@ class Checkpointer:
 
   def _restore_step(self, step: int, abstract_state, data_iterator):
     items = dict(state=ocp.args.StandardRestore(abstract_state))
-    if data_iterator is not None:
+    saved_config = self.check_compatible(step)
+    if data_iterator is not None and saved_config.get('has_data_state', True):
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-    self.check_compatible(step)
     return self.manager.restore(step, args=ocp.args.Composite(**items))['state']
 
   def restore(self, abstract_state, data_iterator=None, step: int | None = None):

@@ -16,13 +16,19 @@ import jax.numpy as jnp
 
 from transformer import masks
 from transformer.attention import DecodeCursor, dense
-from transformer.layers import Embedder, ModelConfig, Stack, layer_norm
+from transformer.layers import Embedder, ModelConfig, Stack, activation_fn, layer_norm
 
 Array = jnp.ndarray
 PAD_ID = 0
 
 def default_positions(ids_BxL: Array) -> Array:
   return jnp.broadcast_to(jnp.arange(ids_BxL.shape[1]), ids_BxL.shape)
+
+
+def _vocab_bias(module: nn.Module, vocab_size: int) -> Array:
+  """A learned per-token logit offset (BERT's MLM decoder bias, Marian's final_logits_bias)."""
+  return module.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',)),
+                      (vocab_size,), jnp.float32)
 
 
 class OutputHead(nn.Module):
@@ -37,7 +43,10 @@ class OutputHead(nn.Module):
     else:
       logits = dense(self.cfg.vocab_size, ('embed', 'vocab'), self.cfg.dtype, 'logits',
                      use_bias=False)(x_BxLxD)
-    return logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    if self.cfg.logits_bias:
+      logits = logits + _vocab_bias(self, self.cfg.vocab_size)[None, None, :]
+    return logits
 
 
 class EncoderDecoder(nn.Module):
@@ -95,16 +104,15 @@ class EncoderDecoder(nn.Module):
 
 
 class MlmHead(nn.Module):
-  """BERT's MLM transform: dense + gelu + LayerNorm, then the tied embedding plus a bias."""
+  """BERT's MLM transform: dense + activation + LayerNorm, then the tied embedding plus a bias."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BxLxD: Array, embedder: Embedder) -> Array:
-    h_BxLxD = nn.gelu(dense(self.cfg.d_model, ('embed', 'mlp'), self.cfg.dtype, 'transform')(
-        x_BxLxD))
-    h_BxLxD = layer_norm('transform_norm', self.cfg.dtype)(h_BxLxD)
-    bias_V = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',)),
-                        (self.cfg.vocab_size,), jnp.float32)
+    act = activation_fn(self.cfg.activation)
+    h_BxLxD = act(dense(self.cfg.d_model, ('embed', 'mlp'), self.cfg.dtype, 'transform')(x_BxLxD))
+    h_BxLxD = layer_norm('transform_norm', self.cfg)(h_BxLxD)
+    bias_V = _vocab_bias(self, self.cfg.vocab_size)
     return embedder.attend(h_BxLxD).astype(jnp.float32) + bias_V[None, None, :]
 
 

@@ -1,7 +1,9 @@
-"""Tokenizers with one set of special ids: sentencepiece (bpe | unigram) or characters.
+"""Tokenizers with one set of special ids: sentencepiece (bpe | unigram), characters, or a
+Hugging Face `tokenizers` file.
 
-Both are trained on the train split only (for translation: source and target together, one joint
-vocabulary so embeddings can be tied), saved next to the prepared data and reused.
+The first two are trained on the train split only (for translation: source and target together,
+one joint vocabulary so embeddings can be tied), saved next to the prepared data and reused. The
+third comes with a converted model (`launch/convert.py`), its ids relabelled into ours.
 """
 
 import io
@@ -104,6 +106,32 @@ class CharTokenizer(Tokenizer):
     return cls(chars)
 
 
+class HuggingFaceTokenizer(Tokenizer):
+  """A Hugging Face `tokenizers` file (tokenizer.json) whose ids are relabelled into ours.
+
+  The folder also holds vocab_map.json (transformer/interop/vocab.py): special tokens sit at our
+  special ids, every other token after them.
+  """
+
+  def __init__(self, directory: str):
+    import tokenizers  # pylint: disable=import-outside-toplevel  # only converted models need it
+    from transformer.interop import vocab  # pylint: disable=import-outside-toplevel
+    path = os.path.join(directory, 'tokenizer.json')
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'{path} is missing: config.hf_tokenizer_dir must be the '
+                              'hf_tokenizer folder that launch.convert wrote.')
+    self._tok = tokenizers.Tokenizer.from_file(path)
+    self.vocab_map = vocab.VocabMap.load(os.path.join(directory, 'vocab_map.json'))
+    self._hf_to_ours = self.vocab_map.hf_to_ours
+    self.vocab_size = self.vocab_map.size
+
+  def _encode(self, text):
+    return self._hf_to_ours[self._tok.encode(text, add_special_tokens=False).ids].tolist()
+
+  def _decode(self, ids):
+    return self._tok.decode(self.vocab_map.ids_to_hf(ids).tolist(), skip_special_tokens=True)
+
+
 def _write_atomically(path: str, data: bytes):
   """Readers (other processes) never see a half-written file."""
   tmp = f'{path}.tmp{os.getpid()}'
@@ -119,12 +147,15 @@ def tokenizer_path(config, builder) -> str:
   elif config.tokenizer == 'sentencepiece':
     name = f'spm_{config.spm_model_type}_{config.vocab_size}.model'
   else:
-    raise ValueError(f'Unknown tokenizer {config.tokenizer!r}: sentencepiece | char.')
+    raise ValueError(f'Unknown tokenizer {config.tokenizer!r}: sentencepiece | char | '
+                     'huggingface.')
   return os.path.join(os.fspath(builder.data_path), name)
 
 
 def get_tokenizer(config) -> Tokenizer:
   """The tokenizer of config: prepares the data if needed, trains on the train split once."""
+  if config.tokenizer == 'huggingface':
+    return HuggingFaceTokenizer(config.hf_tokenizer_dir)
   path = tokenizer_path(config, builders.prepare(config))
   if not os.path.exists(path):
     # Every text field of the train split: both languages of a translation corpus (one joint
