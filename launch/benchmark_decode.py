@@ -25,7 +25,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from transformer import data, decode, models
+from transformer import data, decode, objectives, variants
 
 config_flags.DEFINE_config_file('config', None, 'A configs/VARIANT.py:SIZE file (original or '
                                 'unilm_prefix).', lock_config=True)
@@ -76,18 +76,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   config = flags.FLAGS.config
-  if config.variant not in ('original', 'unilm_prefix'):
-    raise app.UsageError(f'{config.variant} does not translate: use original or unilm_prefix.')
+  if not variants.get(config.variant).translates:
+    raise app.UsageError(f'{config.variant} does not translate: use '
+                         f'{" or ".join(variants.able("translates"))}.')
   ids, vocab_size = source_ids(config, flags.FLAGS.num_sentences)
   num_sentences = len(ids)
   source_len = min(config.max_source_len, max(len(tokens) for tokens in ids))
   sources = batches(ids, config.eval_batch_size, source_len)
-  model = models.build_model(config, vocab_size)
-  example = jnp.asarray(sources[0][:1])
-  kwargs = {'prefix_len': jnp.array([1])} if config.variant == 'unilm_prefix' else {}
-  init_args = (example,) if kwargs else (example, example)
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(config.seed), *init_args, **kwargs)[
-      'params'])
+  model = variants.build_model(config, vocab_size)
+  params = nn.unbox(jax.jit(lambda rng: objectives.init_params(
+      model, variants.example_batch(config), rng))(jax.random.key(config.seed)))
   print(f'{config.variant}:{config.size} on {jax.devices()[0].device_kind}: {num_sentences} '
         f'sentences in {len(sources)} batches of {config.eval_batch_size} x {source_len} tokens.')
 

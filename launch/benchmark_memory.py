@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from transformer import models, optim, sharding, train  # noqa: E402
+from transformer import optim, sharding, train, variants  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'A configs/VARIANT.py:SIZE file.',
                                 lock_config=False)
@@ -48,19 +48,6 @@ flags.mark_flags_as_required(['config'])
 MESHES = {'replicated': lambda n: dict(mesh_data=n, mesh_fsdp=1, mesh_tensor=1),
           'fsdp': lambda n: dict(mesh_data=1, mesh_fsdp=n, mesh_tensor=1),
           'fsdp_tensor': lambda n: dict(mesh_data=1, mesh_fsdp=n // 2, mesh_tensor=2)}
-
-
-def example_batch(config) -> dict:
-  """One row of the model inputs of config.variant (only their shapes matter here)."""
-  ids = np.ones((1, 8), np.int32)
-  batch = {'inputs': ids, 'targets': ids, 'weights': np.ones((1, 8), np.float32)}
-  if config.variant == 'original':
-    batch['decoder_inputs'] = ids
-  if config.variant == 'unilm_prefix':
-    batch['prefix_len'] = np.full((1,), 4, np.int32)
-  if config.num_token_types:
-    batch['token_types'] = np.zeros((1, 8), np.int32)
-  return batch
 
 
 def bytes_per_device(tree, devices, materialized: bool) -> np.ndarray:
@@ -83,9 +70,9 @@ def measure(config, vocab_size: int, mesh_name: str, materialize: bool) -> dict:
   config = config.copy_and_resolve_references()
   config.update(MESHES[mesh_name](n))
   mesh = sharding.make_mesh(config)
-  model = models.build_model(config, vocab_size)
+  model = variants.build_model(config, vocab_size)
   optimizer = optim.make_optimizer(config)
-  batch = example_batch(config)
+  batch = variants.example_batch(config)
   abstract, shardings = train.abstract_state(model, optimizer, config, batch, mesh)
   state = (train.create_state(model, optimizer, config, batch, shardings) if materialize
            else abstract)

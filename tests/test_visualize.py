@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import original, unilm_prefix
-from transformer import models, visualize
+from transformer import variants, visualize
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
@@ -23,7 +23,7 @@ def assert_pngs(paths, min_bytes=5_000):
 
 @pytest.fixture(scope='module')
 def encoder_decoder():
-  model = models.build_model(original.get_config('tiny'), 20)
+  model = variants.build_model(original.get_config('tiny'), 20)
   src, tgt = jnp.array([[7, 8, 9, 10, 0]]), jnp.array([[2, 11, 12]])
   return model, nn.unbox(model.init(jax.random.key(0), src, tgt)['params']), src, tgt
 
@@ -49,7 +49,7 @@ def test_encoder_decoder_attention_plots(encoder_decoder, tmp_path):
 
 
 def test_single_stack_attention_plots(tmp_path):
-  model = models.build_model(unilm_prefix.get_config('tiny'), 20)
+  model = variants.build_model(unilm_prefix.get_config('tiny'), 20)
   seq, prefix_len = jnp.array([[7, 8, 9, 2, 11, 12]]), jnp.array([3])
   params = nn.unbox(model.init(jax.random.key(0), seq, prefix_len=prefix_len)['params'])
   paths = visualize.write_attention_plots(str(tmp_path), model, params, seq,

@@ -8,9 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from transformer import data, decode, distributed, metrics, objectives, sharding
-
-TRANSLATION_VARIANTS = ('original', 'unilm_prefix')
+from transformer import data, decode, distributed, metrics, objectives, sharding, variants
 
 
 def loss_metrics(exp, eval_fn, params, batches) -> dict:
@@ -87,11 +85,12 @@ def validation_metrics(exp, eval_fn, params) -> dict:
   config = exp.config
   batches = exp.eval_batches[:config.max_eval_batches or None]
   out = {f'eval_{k}': v for k, v in loss_metrics(exp, eval_fn, params, batches).items()}
-  if config.variant in TRANSLATION_VARIANTS and config.bleu_max_sentences:
+  variant = variants.get(config.variant)
+  if variant.translates and config.bleu_max_sentences:
     scores, hypotheses = translation_scores(exp, params, 'validation', beam_size=1,
                                             max_sentences=config.bleu_max_sentences)
     out.update({f'eval_{k}': v for k, v in scores.items()})
     out['eval_sample'] = hypotheses[0]
-  if config.variant == 'gpt_causal':
+  if variant.generates:
     out['eval_sample'] = lm_samples(exp, params, '\n', 1)[0]
   return out

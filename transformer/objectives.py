@@ -15,28 +15,16 @@ import jax.numpy as jnp
 Array = jnp.ndarray
 
 
-def _call(fn, batch: dict, **kwargs):
-  """Calls model.apply or model.init with the model arguments that `batch` holds."""
-  if 'decoder_inputs' in batch:  # original: encoder-decoder.
-    return fn(batch['inputs'], batch['decoder_inputs'],
-              inputs_positions=batch.get('inputs_positions'),
-              inputs_segment_ids=batch.get('inputs_segment_ids'),
-              decoder_positions=batch.get('decoder_positions'),
-              decoder_segment_ids=batch.get('decoder_segment_ids'), **kwargs)
-  return fn(batch['inputs'], positions=batch.get('positions'),
-            segment_ids=batch.get('segment_ids'), prefix_len=batch.get('prefix_len'),
-            token_types=batch.get('token_types'), **kwargs)
-
-
 def forward(model, params, batch: dict, *, deterministic: bool = True, rngs=None) -> Array:
   """Logits [B, L, V] of `model` on `batch` (the dict a data pipeline yields)."""
-  return _call(functools.partial(model.apply, {'params': params}), batch,
-               deterministic=deterministic, rngs=rngs)
+  args, kwargs = model.batch_arguments(batch)
+  return model.apply({'params': params}, *args, **kwargs, deterministic=deterministic, rngs=rngs)
 
 
 def init_params(model, batch: dict, rng):
   """Freshly initialised parameters, boxed with their logical axis names (nn.Partitioned)."""
-  return _call(functools.partial(model.init, rng), batch)['params']
+  args, kwargs = model.batch_arguments(batch)
+  return model.init(rng, *args, **kwargs)['params']
 
 
 def _token_losses(logits_NxV: Array, targets_N: Array, label_smoothing: float):
