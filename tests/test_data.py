@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from configs import bert_mlm, common, gpt_causal, original, unilm_prefix
+from tests import run_helpers
 from transformer import data
 from transformer.data import builders
 from transformer.data.tokenizer import BOS_ID, CLS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, SEP_ID
 
 RAW = common.SHARED_DATA
-pytestmark = pytest.mark.skipif(not os.path.isdir(RAW), reason=f'no shared corpora at {RAW}')
+pytestmark = run_helpers.needs_corpora('multi30k', 'tinyshakespeare')
 
 
 def make_config(module, data_dir, **overrides):

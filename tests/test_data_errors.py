@@ -124,7 +124,7 @@ def test_unsupported_packing_is_refused(tmp_path):
   config = text_config(gpt_causal, tmp_path, write(tmp_path / 'mono.txt', 'abc\n' * 50),
                        packing=True, block_size=8)
   with pytest.raises(ValueError,
-                     match='packing applies to original, unilm_prefix, bert_mlm, not gpt_causal'):
+                     match='packing applies to original, bert_mlm, unilm_prefix, not gpt_causal'):
     data.make_train_iterator(config, data.get_tokenizer(config))
 
 

@@ -4,13 +4,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from configs import original, unilm_prefix
 from tests import run_helpers
-from transformer import data, masks, models, objectives
+from transformer import data, masks, objectives, variants
 
-pytestmark = pytest.mark.skipif(not run_helpers.HAVE_CORPUS, reason='no shared corpora')
+pytestmark = run_helpers.needs_corpus
 
 
 def real_batch(module, **overrides):
@@ -51,7 +50,7 @@ def test_packed_rows_never_attend_across_examples():
 
 def test_packed_row_gives_the_logits_of_its_examples_alone():
   config, tokenizer, batch = real_batch(original, packing=True, max_source_len=60, max_target_len=60)
-  model = models.build_model(config, tokenizer.vocab_size)
+  model = variants.build_model(config, tokenizer.vocab_size)
   params = nn.unbox(objectives.init_params(model, batch, jax.random.key(0)))
   packed = np.asarray(jax.jit(lambda b: objectives.forward(model, params, b))(batch))[0]
   row = {k: v[0] for k, v in batch.items()}
@@ -68,7 +67,7 @@ def test_packed_prefix_lm_row_gives_the_logits_of_its_examples_alone():
   config, tokenizer, batch = real_batch(unilm_prefix, packing=True, max_source_len=60,
                                         max_target_len=60)
   assert 'prefix_len' not in batch and batch['segment_ids'].max() > 1
-  model = models.build_model(config, tokenizer.vocab_size)
+  model = variants.build_model(config, tokenizer.vocab_size)
   params = nn.unbox(objectives.init_params(model, batch, jax.random.key(0)))
   packed = np.asarray(jax.jit(lambda b: objectives.forward(model, params, b))(batch))[0]
   row = {k: v[0] for k, v in batch.items()}

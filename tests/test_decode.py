@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import bert_mlm, gpt_causal, original, unilm_prefix
-from transformer import decode, models
+from transformer import decode, variants
 
 VOCAB = 12
 MAX_LEN = 8
@@ -24,11 +24,11 @@ SOURCES = jnp.array([[7, 9, 11, 8, 10, 9], [10, 8, 8, 11, 0, 0], [9, 7, 0, 0, 0,
 PROMPTS = jnp.array([[0, 0, 2, 8, 9], [2, 7, 7, 10, 11], [0, 0, 0, 0, 2]])  # right-aligned
 
 
-def make_model(variant, vocab=VOCAB, seed=0):
+def make_model(variant, vocab=VOCAB, seed=0, **overrides):
   """A tiny random model and its parameters; untied output so random outputs are less repetitive."""
   config = CONFIGS[variant].get_config('tiny')
-  config.tie_output = False
-  model = models.build_model(config, vocab)
+  config.update(dict(tie_output=False, **overrides))
+  model = variants.build_model(config, vocab)
   ids = jnp.ones((1, 4), jnp.int32)
   args = (ids, ids) if variant == 'original' else (ids,)
   kwargs = {'prefix_len': jnp.array([2])} if variant == 'unilm_prefix' else {}
@@ -115,6 +115,36 @@ def test_cache_matches_recompute(tiny_models, variant, beam_size):
   assert_well_formed(cached)
 
 
+@pytest.mark.parametrize('positional', ['learned', 'sinusoidal'])
+def test_gpt_cached_logits_of_left_padded_prompts_match_unpadded_forward(positional):
+  """Every step's logits when generate's cache runs a batch of left-padded prompts equal those of
+  a forward pass over each row's unpadded prompt and tokens alone: the pads are neither attended to
+  nor counted in positions."""
+  model, params = make_model('gpt_causal', positional=positional)
+
+  @jax.jit
+  def cached_greedy_logits(params, prompts_BxP):
+    """generate's cached path: the prompt but its last token at once, then one token per step."""
+    decoder = decode._single_stack(model, params, prompts_BxP[:, :-1], max_len=MAX_LEN, copies=1,
+                                   use_cache=True)
+
+    def step(carry, _):
+      state, last_B = carry
+      logits_BxV, state = decoder.step(state, last_B[:, None])
+      return (state, jnp.argmax(logits_BxV.at[:, decode.PAD_ID].set(-jnp.inf), -1)), logits_BxV
+
+    _, logits_TxBxV = jax.lax.scan(step, (decoder.state, prompts_BxP[:, -1]), length=MAX_LEN)
+    return jnp.moveaxis(logits_TxBxV, 0, 1)
+
+  cached_BxTxV = cached_greedy_logits(params, PROMPTS)  # greedy, never ending: MAX_LEN steps
+  tokens_BxT = jnp.argmax(cached_BxTxV.at[..., decode.PAD_ID].set(-jnp.inf), axis=-1)
+  for prompt, tokens_T, logits_TxV in zip(PROMPTS, tokens_BxT, cached_BxTxV):
+    real = prompt[prompt != decode.PAD_ID]
+    sequence = jnp.concatenate([real, tokens_T[:-1]])[None]  # no pad anywhere
+    full_TxV = apply_model(model, params, sequence)[0, len(real) - 1:]
+    np.testing.assert_allclose(logits_TxV, full_TxV, atol=1e-4, rtol=1e-4)
+
+
 # --- Beam search ---------------------------------------------------------------------------------
 
 def test_beam_of_one_is_greedy(tiny_models):
@@ -134,15 +164,22 @@ def candidates(vocab, max_len, eos_id):
           if eos_id not in seq[:-1] and (seq[-1] == eos_id or n == max_len)]
 
 
-# The random models below favour token 2: as eos with alpha 0, the best outputs end early; with
-# eos 3 and alpha 0.6 they reach max_len.
-@pytest.mark.parametrize('variant, alpha, eos_id', [('original', 0.6, 3), ('unilm_prefix', 0.0, 2)])
-def test_wide_beam_finds_brute_force_best(variant, alpha, eos_id):
+# The random models below favour token 2: as eos with alpha 0, the best outputs end at once; with
+# eos 3 and alpha 0.6 they reach max_len. With seed 15 the first source's best output ends with eos
+# after 2 tokens and beats a 1-token output only through its length penalty: a search that forgot
+# the penalty of finished outputs would return the wrong one.
+@pytest.mark.parametrize('variant, alpha, eos_id, seed, best_lengths, penalty_decides', [
+    ('original', 0.6, 3, 1, (3, 3), False),
+    ('unilm_prefix', 0.0, 2, 1, (1, 1), False),
+    ('original', 0.6, 3, 15, (2, 1), True),
+], ids=['to_max_len', 'alpha0_ends_at_once', 'penalty_decides'])
+def test_wide_beam_finds_brute_force_best(variant, alpha, eos_id, seed, best_lengths,
+                                          penalty_decides):
   vocab, max_len = 6, 3
   # A beam as wide as the candidates of any step (4 live prefixes at most continue with 5 tokens
   # each: not pad) makes the search exhaustive.
   beam_size = 4 ** (max_len - 1) * 5
-  model, params = make_model(variant, vocab, seed=1)
+  model, params = make_model(variant, vocab, seed=seed)
   sources = jnp.array([[5, 4, 5, 1], [1, 5, 4, 4]])
   tokens, scores = decode.beam_search(model, params, sources, max_len=max_len,
                                       beam_size=beam_size, length_penalty=alpha, eos_id=eos_id)
@@ -151,17 +188,23 @@ def test_wide_beam_finds_brute_force_best(variant, alpha, eos_id):
   for i, seq in enumerate(cands):
     targets[i, :len(seq)] = seq
   lengths = np.array([len(seq) for seq in cands])
+  ends_with_eos = np.array([seq[-1] == eos_id for seq in cands])
+  # GNMT's length penalty, written out: lp(n) = ((5 + n) / 6)^alpha, n tokens with eos included.
+  penalty = ((5.0 + lengths) / 6.0) ** alpha
   for b, source in enumerate(sources):
     logits = full_forward_logits(variant, model, params, source, jnp.asarray(targets))
     log_probs = jnp.take_along_axis(decode.token_log_probs(logits), targets[..., None], -1)[..., 0]
     in_output = np.arange(max_len)[None] < lengths[:, None]
-    brute = (np.where(in_output, log_probs, 0.0).sum(-1)
-             / decode.gnmt_length_penalty(lengths, alpha))
+    log_prob = np.where(in_output, log_probs, 0.0).sum(-1)
+    brute = log_prob / penalty
     best, second = np.argsort(-brute)[:2]
     assert brute[best] - brute[second] > 1e-4  # a unique best
     np.testing.assert_array_equal(tokens[b, 0], targets[best])
     np.testing.assert_allclose(scores[b, 0], brute[best], rtol=1e-5)
-    assert (lengths[best] < max_len) == (eos_id == 2)
+    assert lengths[best] == best_lengths[b]
+    # Finished outputs scored by their bare log-prob would lead to another output.
+    unpenalised = np.where(ends_with_eos, log_prob, brute)
+    assert (np.argmax(unpenalised) != best) == (penalty_decides and b == 0)
 
 
 # --- Sampling ------------------------------------------------------------------------------------

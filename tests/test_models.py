@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import bert_mlm, gpt_causal, original, unilm_prefix
-from transformer import decode, models, objectives
+from transformer import decode, objectives, variants
 
 VOCAB = 50
 CONFIGS = {'original': original, 'bert_mlm': bert_mlm, 'gpt_causal': gpt_causal,
@@ -35,7 +35,7 @@ def pre_ln(request):
 
 
 def test_gpt_causal_no_future_leakage(pre_ln):
-  model = models.build_model(tiny('gpt_causal', pre_ln=pre_ln), VOCAB)
+  model = variants.build_model(tiny('gpt_causal', pre_ln=pre_ln), VOCAB)
   x = random_ids(0, (2, 10))
   params = init_params(model, x)
   t = 4
@@ -48,7 +48,7 @@ def test_gpt_causal_no_future_leakage(pre_ln):
 
 
 def test_original_decoder_no_future_leakage(pre_ln):
-  model = models.build_model(tiny('original', pre_ln=pre_ln), VOCAB)
+  model = variants.build_model(tiny('original', pre_ln=pre_ln), VOCAB)
   src, tgt = random_ids(0, (2, 7)), random_ids(1, (2, 9))
   params = init_params(model, src, tgt)
   t = 3
@@ -64,7 +64,7 @@ def test_original_decoder_no_future_leakage(pre_ln):
 
 
 def test_unilm_prefix_source_blind_to_target_and_target_causal(pre_ln):
-  model = models.build_model(tiny('unilm_prefix', pre_ln=pre_ln), VOCAB)
+  model = variants.build_model(tiny('unilm_prefix', pre_ln=pre_ln), VOCAB)
   x = random_ids(0, (2, 12))
   prefix_len = jnp.array([5, 7])
   params = init_params(model, x, prefix_len=prefix_len)
@@ -83,7 +83,7 @@ def test_unilm_prefix_source_blind_to_target_and_target_causal(pre_ln):
 
 
 def test_bert_mlm_is_bidirectional():
-  model = models.build_model(tiny('bert_mlm'), VOCAB)
+  model = variants.build_model(tiny('bert_mlm'), VOCAB)
   x = random_ids(0, (1, 8))
   params = init_params(model, x)
   before = model.apply({'params': params}, x)
@@ -103,7 +103,7 @@ def step_by_step(apply_step, cache, ids_BxL):
 
 @pytest.mark.parametrize('positional', ['sinusoidal', 'learned'])
 def test_gpt_cache_matches_full_forward(pre_ln, positional):
-  model = models.build_model(tiny('gpt_causal', pre_ln=pre_ln, positional=positional), VOCAB)
+  model = variants.build_model(tiny('gpt_causal', pre_ln=pre_ln, positional=positional), VOCAB)
   x = random_ids(0, (2, 9))
   params = init_params(model, x)
   full = model.apply({'params': params}, x)
@@ -122,7 +122,7 @@ def test_gpt_cache_matches_full_forward(pre_ln, positional):
 
 
 def test_original_cache_matches_full_forward(pre_ln):
-  model = models.build_model(tiny('original', pre_ln=pre_ln), VOCAB)
+  model = variants.build_model(tiny('original', pre_ln=pre_ln), VOCAB)
   src = random_ids(0, (2, 7)).at[1, 5:].set(0)  # row 1 has source padding
   tgt = random_ids(1, (2, 8))
   params = init_params(model, src, tgt)
@@ -140,7 +140,7 @@ def test_original_cache_matches_full_forward(pre_ln):
 
 
 def test_unilm_cache_matches_full_forward(pre_ln):
-  model = models.build_model(tiny('unilm_prefix', pre_ln=pre_ln), VOCAB)
+  model = variants.build_model(tiny('unilm_prefix', pre_ln=pre_ln), VOCAB)
   x = random_ids(0, (2, 10))
   prefix_len = jnp.array([4, 4])
   params = init_params(model, x, prefix_len=prefix_len)
@@ -159,7 +159,7 @@ def test_unilm_cache_matches_full_forward(pre_ln):
 
 def test_unilm_padded_prompt_matches_unpadded():
   """Pads between a short source and its target neither get attended to nor shift positions."""
-  model = models.build_model(tiny('unilm_prefix'), VOCAB)
+  model = variants.build_model(tiny('unilm_prefix'), VOCAB)
   src, tgt = random_ids(0, (1, 3)), random_ids(1, (1, 4))
   tight = jnp.concatenate([src, tgt], 1)
   params = init_params(model, tight, prefix_len=jnp.array([3]))
@@ -180,24 +180,37 @@ def test_unilm_padded_prompt_matches_unpadded():
 
 
 def count_params(config, vocab_size):
-  model = models.build_model(config, vocab_size)
+  model = variants.build_model(config, vocab_size)
   x = jnp.ones((1, 8), jnp.int32)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, x))['params']
   return sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
 
 
+def paper_parameter_count(vocab, d, d_ff, num_layers):
+  """The paper's model, written out: one V x d embedding shared by the encoder, the decoder and
+  the output projection (tied); sinusoidal positions (no parameters); attention W^Q, W^K, W^V, W^O
+  without biases; FFN W1, b1, W2, b2; post-LN, a LayerNorm (gain, bias) after every sublayer and
+  none at the end. Encoder layers have 2 sublayers, decoder layers 3 (with cross-attention)."""
+  attention = 4 * d * d
+  ffn = d * d_ff + d_ff + d_ff * d + d
+  norm = 2 * d
+  encoder_layer = attention + ffn + 2 * norm
+  decoder_layer = 2 * attention + ffn + 3 * norm
+  return vocab * d + num_layers * (encoder_layer + decoder_layer)
+
+
 def test_paper_parameter_counts():
   base = count_params(original.get_config('base'), 37000)
   big = count_params(original.get_config('big'), 37000)
-  assert 60e6 <= base <= 66e6, base  # paper: 65 M
-  assert 200e6 <= big <= 220e6, big  # paper: 213 M
+  assert base == paper_parameter_count(37000, 512, 2048, 6) == 63_045_632  # paper: 65 M
+  assert big == paper_parameter_count(37000, 1024, 4096, 6) == 214_171_648  # paper: 213 M
 
 
 @pytest.mark.parametrize('variant', list(CONFIGS))
 def test_tiny_forward_backward_on_8_devices(variant):
   assert jax.device_count() == 8
   config = tiny(variant)
-  model = models.build_model(config, VOCAB)
+  model = variants.build_model(config, VOCAB)
   b, length = 8, 12
   x = random_ids(0, (b, length))
   batch = {'inputs': x, 'targets': random_ids(1, (b, length)),
@@ -227,8 +240,8 @@ def test_tiny_forward_backward_on_8_devices(variant):
 
 def test_bfloat16_compute_keeps_float32_parameters():
   x = random_ids(0, (2, 8))
-  f32 = models.build_model(tiny('gpt_causal'), VOCAB)
-  bf16 = models.build_model(tiny('gpt_causal', dtype='bfloat16'), VOCAB)
+  f32 = variants.build_model(tiny('gpt_causal'), VOCAB)
+  bf16 = variants.build_model(tiny('gpt_causal', dtype='bfloat16'), VOCAB)
   params = init_params(bf16, x)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
   logits_bf16 = jax.jit(bf16.apply)({'params': params}, x)

@@ -77,7 +77,7 @@ def train_losses(workdir) -> list[tuple[int, float]]:
   return [(r['step'], r['train_loss']) for r in records if 'train_loss' in r]
 
 
-@pytest.mark.skipif(not rh.HAVE_CORPUS, reason=f'no shared corpora at {rh.RAW}')
+@rh.needs_corpus
 def test_two_processes_equal_one_and_stop_together_on_sigterm(tmp_path, monkeypatch):
   workdir = str(tmp_path / 'two_processes')
   # 1. Two processes; SIGTERM to process 1 only, once training runs.

@@ -180,7 +180,7 @@ def test_report_means_over_seeds_final_and_best_values_and_unfinished_runs(tmp_p
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
-@pytest.mark.skipif(not run_helpers.HAVE_CORPUS, reason='needs the raw Multi30k corpus')
+@run_helpers.needs_corpus
 def test_real_sweep_of_two_runs_then_a_rerun_skips_them(tmp_path):
   sets = run_helpers.overrides(run_helpers.prepared_data_dir(), num_train_steps=4,
                                eval_every_steps=4, checkpoint_every_steps=4, log_every_steps=2)

@@ -1,11 +1,15 @@
 """Train step: sharded == single-device, accumulation == big batch, schedule, overfitting."""
 
+import functools
+
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import bert_mlm, gpt_causal, original, unilm_prefix
-from transformer import models, optim, sharding, train
+from transformer import objectives, optim, sharding, train, variants
 
 VOCAB = 40
 CONFIGS = {'original': original, 'bert_mlm': bert_mlm, 'gpt_causal': gpt_causal,
@@ -41,7 +45,7 @@ def synthetic_batch(variant, batch_size=8, length=12, seed=0):
 def run_steps(config, batch, num_steps, devices=None):
   """Trains num_steps on `batch` over a mesh of `devices`; returns (state, losses)."""
   mesh = sharding.make_mesh(config, devices)
-  model = models.build_model(config, VOCAB)
+  model = variants.build_model(config, VOCAB)
   optimizer = optim.make_optimizer(config)
   _, shardings = train.abstract_state(model, optimizer, config, batch, mesh)
   state = train.create_state(model, optimizer, config, batch, shardings)
@@ -99,6 +103,35 @@ def test_gradient_accumulation_equals_one_big_batch():
   state_acc, _ = run_steps(tiny('gpt_causal', grad_accum_steps=4), batch, 2)
   assert_trees_close(state_acc.params, state_big.params, rtol=1e-4, atol=1e-6)
   assert int(state_acc.step) == 2  # one optimizer update per step, not per micro-batch
+
+
+def test_gradient_accumulation_weighs_tokens_not_micro_batches():
+  """Micro-batches of very different token counts: the update is still made of the gradient of the
+  mean loss over all the batch's tokens, as one big batch. Averaging each micro-batch's own mean
+  instead would count a token of a 2-token micro-batch 9 times as much as one of 18 tokens."""
+  batch = synthetic_batch('gpt_causal', batch_size=8)
+  # Micro-batch j of 4 holds rows j and j + 4 (train.split_microbatches): keep 9, 1, 2 and 3 real
+  # tokens in each of its rows, so the micro-batches weigh 18, 2, 4 and 6 tokens.
+  for row, kept in enumerate([9, 1, 2, 3] * 2):
+    batch['weights'][row, kept:] = 0
+  config = tiny('gpt_causal', grad_accum_steps=4)
+  model, optimizer = variants.build_model(config, VOCAB), optim.make_optimizer(config)
+  state = jax.jit(lambda: nn.unbox(train.init_state(model, optimizer, batch, config.seed)))()
+
+  def mean_token_nll(params):  # the one-big-batch loss (label_smoothing is 0 for gpt_causal)
+    log_p_BxLxV = jax.nn.log_softmax(objectives.forward(model, params, batch))
+    nll_BxL = -jnp.take_along_axis(log_p_BxLxV, batch['targets'][..., None], axis=-1)[..., 0]
+    return (nll_BxL * batch['weights']).sum() / batch['weights'].sum()
+
+  grads = jax.jit(jax.grad(mean_token_nll))(state.params)
+  norm = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))
+  step = functools.partial(train.train_step, model=model, optimizer=optimizer, config=config)
+  new_state, metrics = jax.jit(step)(state, batch)
+  np.testing.assert_allclose(metrics['grad_norm'], norm, rtol=1e-5)
+  # Adam's first moment after one update: (1 - b1) x the gradient clipped to the global norm.
+  clipped = jax.tree.map(lambda g: g * min(1.0, config.grad_clip_norm / norm), grads)
+  assert_trees_close(new_state.opt_state[1][0].mu,
+                     jax.tree.map(lambda g: (1 - config.b1) * g, clipped), rtol=1e-4, atol=1e-8)
 
 
 def test_nonfinite_update_is_skipped_and_counted():

@@ -12,7 +12,7 @@ import pytest
 from tests import run_helpers
 from transformer import checkpoint, train
 
-pytestmark = pytest.mark.skipif(not run_helpers.HAVE_CORPUS, reason='no shared corpora')
+pytestmark = run_helpers.needs_corpus
 
 
 @pytest.fixture(scope='module')
