@@ -22,25 +22,41 @@ def base_config() -> ml_collections.ConfigDict:
   # --- Model ---------------------------------------------------------------------------------
   c.d_model = 512  # Width of the residual stream.
   c.num_heads = 8  # Attention heads; d_model must divide evenly.
+  c.num_kv_heads = config_dict.placeholder(int)  # Key/value heads: grouped-query attention
+  # (1 = multi-query; unset = num_heads, the paper's multi-head attention).
   c.num_layers = 6  # Layers of the encoder (or of the single stack).
   c.num_decoder_layers = 6  # Layers of the decoder (encoder-decoder only).
   c.d_ff = 2048  # Hidden units of the position-wise feed-forward network.
+  c.ffn = 'dense'  # dense: act(x W_i) W_o (the paper) | gated: (act(x W_gate) * x W_i) W_o
+  # (GEGLU with gelu, SwiGLU with silu; d_ff is the gated width).
+  c.ffn_bias = True  # Biases in the feed-forward layers (T5, Llama: none).
   c.activation = 'relu'  # relu (the paper) | gelu (exact, erf) | gelu_tanh (its tanh form) | silu.
-  c.dropout_rate = 0.1  # Dropout on embeddings and on every sublayer output before the residual add.
+  c.dropout_rate = 0.1  # Dropout on the embeddings and on every sublayer's output before its add.
   c.attention_dropout_rate = 0.0  # Dropout on attention probabilities.
-  c.pre_ln = False  # False: post-LN as in the paper; True: pre-LN with a final LayerNorm.
-  c.positional = 'sinusoidal'  # sinusoidal (the paper) | learned.
+  c.pre_ln = False  # False: post-LN as in the paper; True: pre-LN with a final norm.
+  c.norm = 'layernorm'  # Every norm of the model: layernorm (the paper) | rmsnorm (T5, Llama).
+  c.norm_epsilon = 1e-6  # Epsilon of every norm (PyTorch's LayerNorm default is 1e-5).
+  c.qk_norm = False  # Normalise each head's queries and keys (config.norm) before the dot product.
+  c.positional = 'sinusoidal'  # sinusoidal (the paper) | learned | rotary | relative_bias (T5) |
+  # alibi (see transformer/positions.py).
   c.sinusoidal_layout = 'interleaved'  # interleaved: sin, cos, sin, ... (the paper's formula) |
   # halves: all sines, then all cosines (Marian, tensor2tensor).
+  c.rope_theta = 10000.0  # positional=rotary: the base of the rotation frequencies.
+  c.relative_buckets = 32  # positional=relative_bias: distance buckets (T5).
+  c.relative_max_distance = 128  # positional=relative_bias: distances beyond share a bucket.
   c.max_len = 256  # Longest sequence the model accepts (learned positions, decode caches).
   c.share_embeddings = True  # Encoder and decoder share one token embedding (joint vocabulary).
   c.tie_output = True  # Output projection is the transposed token embedding.
   c.num_token_types = 0  # >0 adds segment (token-type) embeddings (bert_mlm, unilm_prefix).
   c.attention_bias = False  # Biases on the query/key/value/output projections (the paper: none).
+  c.scale_attention = True  # Attention logits / sqrt(head width) (the paper; T5: no).
   c.scale_embeddings = True  # Token embeddings x sqrt(d_model) (the paper; BERT and GPT-2: no).
-  c.embedding_norm = False  # LayerNorm on the summed embeddings, before dropout (BERT).
-  c.layer_norm_epsilon = 1e-6  # Epsilon of every LayerNorm (PyTorch's default is 1e-5).
+  c.embedding_norm = False  # A norm on the summed embeddings, before dropout (BERT).
+  c.embedding_dim = config_dict.placeholder(int)  # ALBERT's factorised embedding: V x E tables
+  # and an E -> d_model projection (unset = d_model, no projection).
+  c.share_layers = False  # ALBERT: one set of layer parameters used at every depth of a stack.
   c.logits_bias = False  # A learned bias on the output logits (Marian's final_logits_bias).
+  c.output_rsqrt_scale = False  # Hidden states x d_model^-0.5 before the output projection (T5).
   c.dtype = 'float32'  # Compute dtype: float32 | bfloat16. Parameters stay float32.
 
   # --- Data ----------------------------------------------------------------------------------
@@ -75,7 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 64  # Global batch, in examples (sequences), summed over all processes.
   c.num_train_steps = 1000  # Optimizer updates.
   c.grad_accum_steps = 1  # Micro-batches per update; the schedule advances once per update.
-  c.optimizer = 'adamw'  # adamw (the paper's Adam plus optional decoupled weight decay).
+  c.optimizer = 'adamw'  # adamw (the paper's Adam plus optional decoupled weight decay) |
+  # adafactor (T5's factored second moments) | lion (sign of momentum; use a ~3-10x lower rate).
   c.learning_rate = 1.0  # Peak rate; for the 'rsqrt' schedule a multiplier of d_model^-0.5.
   c.schedule = 'rsqrt'  # rsqrt (paper: d^-0.5 min(s^-0.5, s w^-1.5)) | cosine | constant.
   c.warmup_steps = 4000  # Linear warmup steps.
@@ -113,7 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.top_p = 1.0  # Nucleus sampling mass (1 = all).
   c.checkpoint_every_steps = 500  # Asynchronous checkpoint period; also at the end.
   c.max_checkpoints_to_keep = 3  # Most recent checkpoints kept (plus the best).
-  c.best_metric = 'eval_loss'  # Validation metric that selects the best checkpoint (lower = better).
+  c.best_metric = 'eval_loss'  # Validation metric that picks the best checkpoint (lower = better).
   return c
 
 

@@ -1,14 +1,15 @@
 """Equivalence with Hugging Face transformers (PyTorch, CPU): an implementation this project did not
 write checks every layer at once.
 
-For each of MarianMTModel, BertForMaskedLM and GPT2LMHeadModel, a small random-initialised
+For each of MarianMTModel, T5ForConditionalGeneration (v1.0 and v1.1), BertForMaskedLM,
+GPT2LMHeadModel and LlamaForCausalLM (grouped-query attention), a small random-initialised
 reference model and a tokenizer are saved to a folder (no network), converted with
 transformer/interop into a workdir, and compared: logits and log-probabilities on padded batches,
 greedy decoding against the reference's generate, fill-mask top-5, and the round trip
 reference -> workdir -> reference bit for bit. The references number their vocabularies as the real
 checkpoints do (GPT-2: no pad, bos = eos = the last id; Marian: eos 0, pad last and decoding from
-pad; BERT: pad 0, the other specials amid the words), so the relabelling into the project's
-special ids is exercised too.
+pad; T5: pad 0, eos 1, decoding from pad; BERT: pad 0, the other specials amid the words; Llama:
+unk 0, bos 1, eos 2, no pad), so the relabelling into the project's special ids is exercised too.
 """
 
 import json
@@ -27,7 +28,7 @@ from tokenizers import Tokenizer, models as tokenizer_models, pre_tokenizers
 
 from configs import bert_mlm, gpt_causal, original, workdir as workdir_config
 from configs.common import REPO_ROOT
-from transformer import decode, models
+from transformer import decode, variants
 from transformer.interop import huggingface
 from transformer.interop.rules import UnsupportedConfigError
 
@@ -82,7 +83,32 @@ def _bert():
   return transformers.BertForMaskedLM(config), _tokenizer(tokens, **special)
 
 
-REFERENCES = {'gpt2': _gpt2, 'marian': _marian, 'bert': _bert}
+def _llama():
+  tokens = ['<unk>', '<s>', '</s>', *WORDS]
+  config = transformers.LlamaConfig(
+      vocab_size=len(tokens), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+      rms_norm_eps=0.05, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+      rope_parameters={'rope_type': 'default', 'rope_theta': 500.0})  # not the defaults
+  return transformers.LlamaForCausalLM(config), _tokenizer(
+      tokens, unk_token='<unk>', bos_token='<s>', eos_token='</s>')
+
+
+def _t5(feed_forward_proj: str, tied: bool):
+  def make():
+    tokens = ['<pad>', '</s>', '<unk>', *WORDS]
+    config = transformers.T5Config(
+        vocab_size=len(tokens), d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
+        num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+        feed_forward_proj=feed_forward_proj, tie_word_embeddings=tied, layer_norm_epsilon=0.05,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return transformers.T5ForConditionalGeneration(config), _tokenizer(
+        tokens, pad_token='<pad>', eos_token='</s>', unk_token='<unk>')
+  return make
+
+
+REFERENCES = {'gpt2': _gpt2, 'marian': _marian, 'bert': _bert, 'llama': _llama,
+              't5_v1_0': _t5('relu', tied=True), 't5_v1_1': _t5('gated-gelu', tied=False)}
 
 
 def _randomize(model):
@@ -99,6 +125,7 @@ class Converted:
   """A reference model saved to a folder, and its conversion into a workdir."""
 
   def __init__(self, name: str, root):
+    self.name = name
     torch.manual_seed(0)
     self.reference, tokenizer = REFERENCES[name]()
     _randomize(self.reference).eval()
@@ -111,7 +138,7 @@ class Converted:
     self.config = workdir_config.get_config(self.workdir)  # as launch.main would read it
     self.vocab = huggingface.workdir_vocab(self.config)
     self.params = huggingface.restore_params(self.config, self.workdir, self.vocab.size)
-    self.model = models.build_model(self.config, self.vocab.size)
+    self.model = variants.build_model(self.config, self.vocab.size)
 
   def ours(self, hf_ids, valid):
     """Reference ids -> ours, pad 0 where not valid."""
@@ -160,7 +187,10 @@ def _logits(c: Converted, rng):
 
 def test_logits_and_log_probs_match_the_reference(converted):
   ours, reference, valid, ours_full = _logits(converted, np.random.default_rng(0))
-  assert np.abs(ours - reference)[valid].max() < TOLERANCE
+  difference = np.abs(ours - reference)[valid].max()
+  print(f'{converted.name}: max |logit difference| {difference:.1e} (logits up to '
+        f'{np.abs(reference[valid]).max():.2f})')  # the README's table: pytest -s -k logits
+  assert difference < TOLERANCE
   # Over our whole vocabulary: the extra ids (specials the reference lacks) take no probability.
   ours_log_probs = np.asarray(jax.nn.log_softmax(ours_full))[..., converted.vocab.hf_to_ours]
   reference_log_probs = np.asarray(jax.nn.log_softmax(reference))
@@ -181,8 +211,9 @@ def test_round_trip_reference_to_workdir_to_reference_is_exact(converted, tmp_pa
     assert json.load(f)['architectures'] == [type(converted.reference).__name__]
 
 
-def test_greedy_translation_matches_reference_generate(tmp_path_factory):
-  c = Converted('marian', tmp_path_factory.mktemp('marian_greedy'))
+@pytest.mark.parametrize('name', ['marian', 't5_v1_1'])
+def test_greedy_translation_matches_reference_generate(tmp_path_factory, name):
+  c = Converted(name, tmp_path_factory.mktemp(f'{name}_greedy'))
   words = _real_ids(c)
   rng = np.random.default_rng(1)
   ids, valid = _padded_batch(rng, len(words), [8, 5, 3, 7])
@@ -193,14 +224,16 @@ def test_greedy_translation_matches_reference_generate(tmp_path_factory):
     reference = c.reference.generate(
         input_ids=torch.tensor(ids), attention_mask=torch.tensor(valid.astype(np.int64)),
         max_new_tokens=max_len, num_beams=1, do_sample=False, bad_words_ids=[[pad]],
-        decoder_start_token_id=pad, eos_token_id=0, pad_token_id=pad).numpy()[:, 1:]
+        decoder_start_token_id=pad, eos_token_id=c.hf_config.eos_token_id,
+        pad_token_id=pad).numpy()[:, 1:]
   ours = decode.translate(c.model, c.params, c.ours(ids, valid), max_len=max_len)
   ours = c.vocab.ids_to_hf(np.asarray(ours))[:, :reference.shape[1]]
   np.testing.assert_array_equal(ours, reference)
 
 
-def test_greedy_generation_with_left_padded_prompts_matches_reference(tmp_path_factory):
-  c = Converted('gpt2', tmp_path_factory.mktemp('gpt2_greedy'))
+@pytest.mark.parametrize('name', ['gpt2', 'llama'])
+def test_greedy_generation_with_left_padded_prompts_matches_reference(tmp_path_factory, name):
+  c = Converted(name, tmp_path_factory.mktemp(f'{name}_greedy'))
   words = _real_ids(c)
   eos = c.hf_config.eos_token_id
   rng = np.random.default_rng(2)
@@ -268,7 +301,9 @@ def test_special_tokens_land_on_the_project_ids(converted):
     ('position_embedding_type', 'relative_key', 'bert'),
     ('add_cross_attention', True, 'gpt2'),
     ('share_encoder_decoder_embeddings', False, 'marian'),
-    ('model_type', 't5', 'gpt2'),
+    ('model_type', 'bart', 'gpt2'),
+    ('head_dim', 16, 'llama'),
+    ('feed_forward_proj', 'gated-relu', 't5_v1_0'),
 ])
 def test_unsupported_reference_config_is_refused_naming_the_field(tmp_path, field, value,
                                                                   reference):
@@ -312,3 +347,29 @@ def test_convert_command_both_ways_without_network(tmp_path):
   again = run(f'--from_hf={tmp_path / "hf"}', f'--workdir={tmp_path / "w"}')
   assert again.returncode != 0 and 'already holds checkpoints' in again.stderr
   assert 'Traceback' not in again.stderr
+
+
+def test_pytorch_weights_file_is_read_as_data(tmp_path):
+  """A folder with pytorch_model.bin instead of safetensors converts to the same parameters, and
+  the file is loaded with weights_only=True: a pickle that would run code is refused."""
+  torch.manual_seed(0)
+  model, tokenizer = _gpt2()
+  _randomize(model)
+  for folder in ('safetensors', 'bin'):
+    model.save_pretrained(tmp_path / folder)
+    tokenizer.save_pretrained(tmp_path / folder)
+  os.remove(tmp_path / 'bin' / 'model.safetensors')
+  torch.save(model.state_dict(), tmp_path / 'bin' / 'pytorch_model.bin')
+  from_bin = huggingface.read_weights(str(tmp_path / 'bin'))
+  from_safetensors = huggingface.read_weights(str(tmp_path / 'safetensors'))
+  assert from_bin.keys() >= from_safetensors.keys()
+  for name, value in from_safetensors.items():
+    np.testing.assert_array_equal(from_bin[name], value, err_msg=name)
+
+  class RunsCode:  # unpickling this would call os.system
+    def __reduce__(self):
+      return (os.system, ('touch ' + str(tmp_path / 'pwned'),))
+  torch.save({'x': RunsCode()}, tmp_path / 'bin' / 'pytorch_model.bin')
+  with pytest.raises(UnsupportedConfigError, match='pytorch_model.bin is not a plain weights'):
+    huggingface.read_weights(str(tmp_path / 'bin'))
+  assert not (tmp_path / 'pwned').exists()

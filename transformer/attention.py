@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from transformer import masks
+from transformer import masks, norms, positions
 
 Array = jnp.ndarray
 xavier = nn.initializers.xavier_uniform()
@@ -24,57 +24,100 @@ def dense(features: int, axes: tuple[str, str], dtype: Any, name: str, use_bias:
 
 
 class MultiHeadAttention(nn.Module):
-  """softmax(Q K^T / sqrt(E) + mask) V over H heads, then an output projection.
+  """softmax(Q K^T / sqrt(E) + bias + mask) V over H heads, then an output projection.
+
+  num_kv_heads < num_heads is grouped-query attention (1: multi-query): query head h reads
+  key/value head h // (num_heads / num_kv_heads), so consecutive query heads share one, and the
+  decoding cache holds only the key/value heads. qk_norm normalises each head's queries and keys
+  over E (with a learned scale) before the dot product; rope_theta rotates them by the positions
+  of x's tokens (self-attention only; positions.rotary); logit_bias adds a per-head bias (T5's
+  relative bias, ALiBi).
 
   With `decode=True` (self-attention only), new keys/values are written into a cache at
-  `cache_slots` and the queries attend over the whole cache; the caller's mask then spans the
+  `cache_slot` and the queries attend over the whole cache; the caller's mask then spans the
   cache ([B, 1, Q, C]). The cache is sized by the sequence length of the `init` call.
   """
   num_heads: int
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
   use_bias: bool = False  # Biases on the four projections (BERT, GPT-2, Marian have them).
+  num_kv_heads: Optional[int] = None  # None: num_heads (multi-head attention).
+  scale_logits: bool = True  # False: no 1/sqrt(E) (T5 folds it into the initialisation).
+  qk_norm: Optional[str] = None  # A norms.KINDS name: normalise queries and keys per head.
+  norm_epsilon: float = 1e-6
+  rope_theta: Optional[float] = None  # Rotary positions with this base (None: no rotation).
 
   @nn.compact
   def __call__(self, x_BxQxD: Array, kv_BxKxD: Array, mask_Bx1xQxK: Optional[Array], *,
-               deterministic: bool, decode: bool = False,
-               cache_slot: Optional[Array] = None) -> Array:
+               deterministic: bool, decode: bool = False, cache_slot: Optional[Array] = None,
+               positions_BxQ: Optional[Array] = None,
+               logit_bias_BxHxQxK: Optional[Array] = None,
+               cache_index: Optional[int] = None) -> Array:
     d_model = x_BxQxD.shape[-1]
-    if d_model % self.num_heads:
-      raise ValueError(f'd_model={d_model} is not divisible by num_heads={self.num_heads}')
+    num_kv_heads = self.num_kv_heads or self.num_heads
+    if d_model % self.num_heads or self.num_heads % num_kv_heads:
+      raise ValueError(f'd_model={d_model} must be divisible by num_heads={self.num_heads}, and '
+                       f'num_heads by num_kv_heads={num_kv_heads}')
     head_dim = d_model // self.num_heads
+    groups = self.num_heads // num_kv_heads
 
     # By default no biases, as in the paper (W^Q, W^K, W^V, W^O); a key bias would get an
     # exactly-zero gradient (softmax is shift-invariant), which Adam turns into noisy updates.
-    def project(x, name):  # [B, L, D] -> [B, L, H, E]
-      y = dense(d_model, ('embed', 'heads'), self.dtype, name, use_bias=self.use_bias)(x)
-      return y.reshape(*x.shape[:-1], self.num_heads, head_dim)
+    def project(x, heads, name):  # [B, L, D] -> [B, L, heads, E]
+      y = dense(heads * head_dim, ('embed', 'heads'), self.dtype, name, use_bias=self.use_bias)(x)
+      return y.reshape(*x.shape[:-1], heads, head_dim)
 
-    q_BxQxHxE = project(x_BxQxD, 'query')
-    k_BxKxHxE = project(kv_BxKxD, 'key')
-    v_BxKxHxE = project(kv_BxKxD, 'value')
+    q_BxQxHxE = project(x_BxQxD, self.num_heads, 'query')
+    k_BxKxGxE = project(kv_BxKxD, num_kv_heads, 'key')  # G: key/value heads
+    v_BxKxGxE = project(kv_BxKxD, num_kv_heads, 'value')
+    if self.qk_norm:
+      norm = lambda name: norms.make_norm(self.qk_norm, self.norm_epsilon, self.dtype, name,
+                                          axis_name=None)
+      q_BxQxHxE, k_BxKxGxE = norm('query_norm')(q_BxQxHxE), norm('key_norm')(k_BxKxGxE)
+    if self.rope_theta:  # Self-attention: the new keys are the queries' tokens (cached rotated).
+      q_BxQxHxE = positions.rotary(q_BxQxHxE, positions_BxQ, self.rope_theta)
+      k_BxKxGxE = positions.rotary(k_BxKxGxE, positions_BxQ, self.rope_theta)
 
     if decode:
-      k_BxKxHxE, v_BxKxHxE = self._update_cache(k_BxKxHxE, v_BxKxHxE, cache_slot)
+      k_BxKxGxE, v_BxKxGxE = self._update_cache(k_BxKxGxE, v_BxKxGxE, cache_slot, cache_index)
 
-    logits_BxHxQxK = jnp.einsum('bqhe,bkhe->bhqk', q_BxQxHxE, k_BxKxHxE) / jnp.sqrt(
-        jnp.asarray(head_dim, self.dtype))
+    batch, num_q, num_k = q_BxQxHxE.shape[0], q_BxQxHxE.shape[1], k_BxKxGxE.shape[1]
+    if groups == 1:
+      logits_BxHxQxK = jnp.einsum('bqhe,bkhe->bhqk', q_BxQxHxE, k_BxKxGxE)
+    else:  # query head h = g * groups + r reads key/value head g
+      q_BxQxGxRxE = q_BxQxHxE.reshape(batch, num_q, num_kv_heads, groups, head_dim)
+      logits_BxHxQxK = jnp.einsum('bqgre,bkge->bgrqk', q_BxQxGxRxE, k_BxKxGxE).reshape(
+          batch, self.num_heads, num_q, num_k)
+    if self.scale_logits:
+      logits_BxHxQxK = logits_BxHxQxK / jnp.sqrt(jnp.asarray(head_dim, self.dtype))
     logits_BxHxQxK = logits_BxHxQxK.astype(jnp.float32)
+    if logit_bias_BxHxQxK is not None:
+      logits_BxHxQxK = logits_BxHxQxK + logit_bias_BxHxQxK
     if mask_Bx1xQxK is not None:
       # A large finite negative (not -inf): a fully masked row (padding query) stays finite.
       logits_BxHxQxK = jnp.where(mask_Bx1xQxK, logits_BxHxQxK, jnp.finfo(jnp.float32).min)
     weights_BxHxQxK = jax.nn.softmax(logits_BxHxQxK, axis=-1).astype(self.dtype)
     self.sow('intermediates', 'attention_weights', weights_BxHxQxK)  # For visualization.
     weights_BxHxQxK = nn.Dropout(self.dropout_rate)(weights_BxHxQxK, deterministic=deterministic)
-    out_BxQxHxE = jnp.einsum('bhqk,bkhe->bqhe', weights_BxHxQxK, v_BxKxHxE)
-    out_BxQxD = out_BxQxHxE.reshape(*out_BxQxHxE.shape[:2], d_model)
+    if groups == 1:
+      out_BxQxHxE = jnp.einsum('bhqk,bkhe->bqhe', weights_BxHxQxK, v_BxKxGxE)
+    else:
+      weights_BxGxRxQxK = weights_BxHxQxK.reshape(batch, num_kv_heads, groups, num_q, num_k)
+      out_BxQxHxE = jnp.einsum('bgrqk,bkge->bqgre', weights_BxGxRxQxK, v_BxKxGxE)
+    out_BxQxD = out_BxQxHxE.reshape(batch, num_q, d_model)
     return dense(d_model, ('heads', 'embed'), self.dtype, 'out', use_bias=self.use_bias)(out_BxQxD)
 
-  def _update_cache(self, k_BxQxHxE, v_BxQxHxE, cache_slot):
-    """Writes the new keys/values at slot `cache_slot` and returns the whole cache."""
-    initialized = self.has_variable('cache', 'cached_key')
-    key_cache = self.variable('cache', 'cached_key', jnp.zeros, k_BxQxHxE.shape, k_BxQxHxE.dtype)
-    value_cache = self.variable('cache', 'cached_value', jnp.zeros, v_BxQxHxE.shape, v_BxQxHxE.dtype)
+  def _update_cache(self, k_BxQxHxE, v_BxQxHxE, cache_slot, cache_index):
+    """Writes the new keys/values at slot `cache_slot` and returns the whole cache.
+
+    cache_index names one cache per call of a layer shared by several depths (share_layers).
+    """
+    suffix = '' if cache_index is None else f'_{cache_index}'
+    initialized = self.has_variable('cache', f'cached_key{suffix}')
+    key_cache = self.variable('cache', f'cached_key{suffix}', jnp.zeros, k_BxQxHxE.shape,
+                              k_BxQxHxE.dtype)
+    value_cache = self.variable('cache', f'cached_value{suffix}', jnp.zeros, v_BxQxHxE.shape,
+                                v_BxQxHxE.dtype)
     if not initialized:  # The init call only sizes the cache.
       return k_BxQxHxE, v_BxQxHxE
     start = (0, cache_slot, 0, 0)
@@ -86,9 +129,10 @@ class MultiHeadAttention(nn.Module):
 class DecodeCursor(nn.Module):
   """Model-level decoding state: the next cache slot, which slots hold real tokens, and positions.
 
-  Given the validity of Q new tokens, returns their cache slots, their positions (pads between a
-  prompt and its continuation do not advance positions) and the [B, 1, Q, C] self-attention mask
-  over the cache, for the 'causal' or 'prefix' mask kind.
+  Given the validity of Q new tokens, returns their first cache slot, their positions (pads
+  between a prompt and its continuation do not advance positions), the [B, 1, Q, C]
+  self-attention mask over the cache, for the 'causal' or 'prefix' mask kind, and the positions
+  of every cached key [B, C] (for position-dependent logit biases).
   """
   kind: str
 
@@ -100,17 +144,20 @@ class DecodeCursor(nn.Module):
     # The init call sizes the cache with the full decode length.
     kv_valid = self.variable('cache', 'kv_valid', jnp.zeros, (batch, num_new), jnp.bool_)
     next_position = self.variable('cache', 'next_position', jnp.zeros, (batch,), jnp.int32)
+    kv_positions = self.variable('cache', 'kv_positions', jnp.zeros, (batch, num_new), jnp.int32)
 
     q_slots_Q = slot.value + jnp.arange(num_new)
     valid_int = valid_BxQ.astype(jnp.int32)
     positions_BxQ = next_position.value[:, None] + jnp.cumsum(valid_int, axis=1) - valid_int
     if initialized:
       kv_valid.value = jax.lax.dynamic_update_slice(kv_valid.value, valid_BxQ, (0, slot.value))
+      kv_positions.value = jax.lax.dynamic_update_slice(kv_positions.value, positions_BxQ,
+                                                        (0, slot.value))
       next_position.value = next_position.value + valid_int.sum(axis=1)
       slot.value = slot.value + num_new
-      kv_valid_BxC = kv_valid.value
+      kv_valid_BxC, kv_positions_BxC = kv_valid.value, kv_positions.value
     else:
-      kv_valid_BxC = valid_BxQ
+      kv_valid_BxC, kv_positions_BxC = valid_BxQ, positions_BxQ
     kv_slots_C = jnp.arange(kv_valid_BxC.shape[1])
     if self.kind == 'causal':
       structure = masks.causal_mask(q_slots_Q, kv_slots_C)
@@ -119,4 +166,4 @@ class DecodeCursor(nn.Module):
     else:
       raise ValueError(f'Cannot decode incrementally with mask kind {self.kind!r}')
     mask = masks.combine(masks.padding_mask(kv_valid_BxC), structure)
-    return q_slots_Q[0], positions_BxQ, mask
+    return q_slots_Q[0], positions_BxQ, mask, kv_positions_BxC

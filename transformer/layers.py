@@ -1,6 +1,7 @@
-"""Building blocks: embeddings, positional encodings, feed-forward, and the Transformer block.
+"""Building blocks: embeddings, feed-forward, and the Transformer block and stack.
 
-Shape suffixes: B batch, L length, S source length, D model width, F feed-forward width, V vocab.
+Shape suffixes: B batch, L length, S source length, D model width, F feed-forward width, V vocab,
+H heads.
 """
 
 import dataclasses
@@ -8,8 +9,8 @@ from typing import Any, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
+from transformer import norms, positions
 from transformer.attention import MultiHeadAttention, dense
 
 Array = jnp.ndarray
@@ -21,24 +22,36 @@ class ModelConfig:
   vocab_size: int
   d_model: int = 512
   num_heads: int = 8
+  num_kv_heads: Optional[int] = None
   num_layers: int = 6
   num_decoder_layers: int = 6
   d_ff: int = 2048
+  ffn: str = 'dense'
+  ffn_bias: bool = True
   activation: str = 'relu'
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.0
   pre_ln: bool = False
+  norm: str = 'layernorm'
+  norm_epsilon: float = 1e-6
+  qk_norm: bool = False
   positional: str = 'sinusoidal'
   sinusoidal_layout: str = 'interleaved'
+  rope_theta: float = 10000.0
+  relative_buckets: int = 32
+  relative_max_distance: int = 128
   max_len: int = 256
   share_embeddings: bool = True
   tie_output: bool = True
   num_token_types: int = 0
   attention_bias: bool = False
+  scale_attention: bool = True
   scale_embeddings: bool = True
   embedding_norm: bool = False
-  layer_norm_epsilon: float = 1e-6
+  embedding_dim: Optional[int] = None
+  share_layers: bool = False
   logits_bias: bool = False
+  output_rsqrt_scale: bool = False
   dtype: Any = jnp.float32
 
   @classmethod
@@ -48,76 +61,66 @@ class ModelConfig:
                **{name: config[name] for name in fields})
 
 
-def sinusoidal_encoding(positions_BxL: Array, d_model: int, layout: str = 'interleaved') -> Array:
-  """PE(pos, 2i) = sin(pos / 10000^(2i/D)), PE(pos, 2i+1) = cos(...). -> [B, L, D] float32.
-
-  layout 'interleaved' is the paper's (sin, cos, sin, cos, ...); 'halves' puts every sine first
-  and every cosine after them (the same features, permuted; Marian and tensor2tensor do this).
-  """
-  inv_freq_H = np.exp(-np.log(10000.0) * np.arange(0, d_model, 2) / d_model)  # H = D/2
-  angles_BxLxH = jnp.einsum('bl,h->blh', positions_BxL.astype(jnp.float32), inv_freq_H)
-  if layout not in SINUSOIDAL_LAYOUTS:
-    raise ValueError(f'sinusoidal_layout must be one of {", ".join(SINUSOIDAL_LAYOUTS)}, '
-                     f'got {layout!r}')
-  axis = -1 if layout == 'interleaved' else -2
-  encoding = jnp.stack([jnp.sin(angles_BxLxH), jnp.cos(angles_BxLxH)], axis=axis)
-  return encoding.reshape(*positions_BxL.shape, d_model)
-
-
-SINUSOIDAL_LAYOUTS = ('interleaved', 'halves')
+def norm(name: str, cfg: ModelConfig) -> nn.Module:
+  """The config's norm (LayerNorm or RMSNorm) over the model width."""
+  return norms.make_norm(cfg.norm, cfg.norm_epsilon, cfg.dtype, name)
 
 
 class Embedder(nn.Module):
-  """Token embedding x sqrt(D) + positional encoding (+ token-type embedding), then dropout.
+  """Token embedding x sqrt(W) + positional encoding (+ token-type embedding), then dropout.
 
-  scale_embeddings=False drops the x sqrt(D) (BERT, GPT-2); embedding_norm adds a LayerNorm
-  before the dropout (BERT).
+  W is the embedding width: d_model, or embedding_dim < d_model (ALBERT's factorised embedding:
+  V x W tables, then a W -> D projection after the dropout). scale_embeddings=False drops the
+  x sqrt(W) (BERT, GPT-2); embedding_norm adds a norm before the dropout (BERT). Rotary and
+  logit-bias positions act in attention instead (positions.py).
 
-  `attend` maps hidden states back to vocabulary logits with the same matrix (weight tying).
+  `attend` maps width-W states back to vocabulary logits with the same table (weight tying).
   """
   cfg: ModelConfig
 
   def setup(self):
     cfg = self.cfg
-    init = nn.initializers.normal(stddev=cfg.d_model ** -0.5)  # Unit variance after the scale.
-    self.tokens = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=jnp.float32,
-                           embedding_init=nn.with_logical_partitioning(init, ('vocab', 'embed')))
+    width, axis = (cfg.embedding_dim, None) if cfg.embedding_dim else (cfg.d_model, 'embed')
+    init = nn.initializers.normal(stddev=width ** -0.5)  # Unit variance after the scale.
+    table = lambda size, name_init, axes: nn.Embed(
+        size, width, dtype=cfg.dtype, param_dtype=jnp.float32,
+        embedding_init=nn.with_logical_partitioning(name_init, axes))
+    self.tokens = table(cfg.vocab_size, init, ('vocab', axis))
     if cfg.positional == 'learned':
-      self.positions = nn.Embed(cfg.max_len, cfg.d_model, dtype=cfg.dtype,
-                                param_dtype=jnp.float32,
-                                embedding_init=nn.with_logical_partitioning(
-                                    nn.initializers.normal(0.02), (None, 'embed')))
-    elif cfg.positional != 'sinusoidal':
-      raise ValueError(f'positional must be sinusoidal or learned, got {cfg.positional!r}')
+      self.positions = table(cfg.max_len, nn.initializers.normal(0.02), (None, axis))
+    elif cfg.positional not in positions.KINDS:
+      raise ValueError(f'positional must be one of {", ".join(positions.KINDS)}, got '
+                       f'{cfg.positional!r}')
     if cfg.num_token_types:
-      self.token_types = nn.Embed(cfg.num_token_types, cfg.d_model, dtype=cfg.dtype,
-                                  param_dtype=jnp.float32,
-                                  embedding_init=nn.with_logical_partitioning(
-                                      nn.initializers.normal(0.02), (None, 'embed')))
+      self.token_types = table(cfg.num_token_types, nn.initializers.normal(0.02), (None, axis))
     if cfg.embedding_norm:
-      self.norm = layer_norm('norm', cfg)
+      self.norm = norms.make_norm(cfg.norm, cfg.norm_epsilon, cfg.dtype, 'norm', axis_name=axis)
     self.dropout = nn.Dropout(cfg.dropout_rate)
+    if cfg.embedding_dim:
+      self.project = dense(cfg.d_model, (None, 'embed'), cfg.dtype, 'project')
 
   def __call__(self, ids_BxL: Array, positions_BxL: Array, token_types_BxL: Optional[Array],
                *, deterministic: bool) -> Array:
     cfg = self.cfg
-    x_BxLxD = self.tokens(ids_BxL)
+    x_BxLxW = self.tokens(ids_BxL)
+    width = x_BxLxW.shape[-1]
     if cfg.scale_embeddings:
-      x_BxLxD = x_BxLxD * jnp.sqrt(jnp.asarray(cfg.d_model, cfg.dtype))
+      x_BxLxW = x_BxLxW * jnp.sqrt(jnp.asarray(width, cfg.dtype))
     if cfg.positional == 'learned':
-      x_BxLxD = x_BxLxD + self.positions(positions_BxL)
-    else:
-      x_BxLxD = x_BxLxD + sinusoidal_encoding(positions_BxL, cfg.d_model,
-                                              cfg.sinusoidal_layout).astype(cfg.dtype)
+      x_BxLxW = x_BxLxW + self.positions(positions_BxL)
+    elif cfg.positional == 'sinusoidal':
+      x_BxLxW = x_BxLxW + positions.sinusoidal_encoding(positions_BxL, width,
+                                                        cfg.sinusoidal_layout).astype(cfg.dtype)
     if cfg.num_token_types:
       types_BxL = jnp.zeros_like(ids_BxL) if token_types_BxL is None else token_types_BxL
-      x_BxLxD = x_BxLxD + self.token_types(types_BxL)
+      x_BxLxW = x_BxLxW + self.token_types(types_BxL)
     if cfg.embedding_norm:
-      x_BxLxD = self.norm(x_BxLxD)
-    return self.dropout(x_BxLxD, deterministic=deterministic)
+      x_BxLxW = self.norm(x_BxLxW)
+    x_BxLxW = self.dropout(x_BxLxW, deterministic=deterministic)
+    return self.project(x_BxLxW) if cfg.embedding_dim else x_BxLxW
 
-  def attend(self, x_BxLxD: Array) -> Array:
-    return self.tokens.attend(x_BxLxD)
+  def attend(self, x_BxLxW: Array) -> Array:
+    return self.tokens.attend(x_BxLxW)
 
 
 # config.activation -> function. gelu is the exact erf form; gelu_tanh its tanh approximation
@@ -136,22 +139,31 @@ def activation_fn(name: str):
   return ACTIVATIONS[name]
 
 
+FFN_KINDS = ('dense', 'gated')
+
+
 class FeedForward(nn.Module):
-  """Position-wise FFN(x) = act(x W1 + b1) W2 + b2."""
+  """Position-wise feed-forward, F = d_ff hidden units:
+
+    dense  FFN(x) = act(x W_i + b_i) W_o + b_o                  (the paper)
+    gated  FFN(x) = (act(x W_gate) * (x W_i)) W_o               (GLU family: GEGLU with gelu,
+                                                                 SwiGLU with silu)
+  ffn_bias=False drops the biases (T5, Llama).
+  """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BxLxD: Array) -> Array:
-    act = activation_fn(self.cfg.activation)
-    h_BxLxF = dense(self.cfg.d_ff, ('embed', 'mlp'), self.cfg.dtype, 'wi')(x_BxLxD)
-    return dense(x_BxLxD.shape[-1], ('mlp', 'embed'), self.cfg.dtype, 'wo')(act(h_BxLxF))
-
-
-def layer_norm(name: str, cfg: ModelConfig) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype, param_dtype=jnp.float32,
-                      name=name,
-                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))
+    cfg = self.cfg
+    if cfg.ffn not in FFN_KINDS:
+      raise ValueError(f'ffn must be one of {", ".join(FFN_KINDS)}, got {cfg.ffn!r}')
+    act = activation_fn(cfg.activation)
+    hidden = lambda name: dense(cfg.d_ff, ('embed', 'mlp'), cfg.dtype, name,
+                                use_bias=cfg.ffn_bias)(x_BxLxD)
+    h_BxLxF = hidden('wi')
+    h_BxLxF = act(hidden('gate')) * h_BxLxF if cfg.ffn == 'gated' else act(h_BxLxF)
+    return dense(x_BxLxD.shape[-1], ('mlp', 'embed'), cfg.dtype, 'wo', use_bias=cfg.ffn_bias)(
+        h_BxLxF)
 
 
 class Block(nn.Module):
@@ -166,47 +178,82 @@ class Block(nn.Module):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout_rate)
     if cfg.pre_ln:
-      return x_BxLxD + drop(sublayer(layer_norm(f'{name}_norm', cfg)(x_BxLxD)),
+      return x_BxLxD + drop(sublayer(norm(f'{name}_norm', cfg)(x_BxLxD)),
                             deterministic=deterministic)
-    return layer_norm(f'{name}_norm', cfg)(
+    return norm(f'{name}_norm', cfg)(
         x_BxLxD + drop(sublayer(x_BxLxD), deterministic=deterministic))
 
   @nn.compact
   def __call__(self, x_BxLxD: Array, self_mask: Optional[Array], *,
                encoded_BxSxD: Optional[Array] = None, cross_mask: Optional[Array] = None,
                deterministic: bool = True, decode: bool = False,
-               cache_slot: Optional[Array] = None) -> Array:
+               cache_slot: Optional[Array] = None, positions_BxL: Optional[Array] = None,
+               logit_bias_BxHxLxK: Optional[Array] = None,
+               cache_index: Optional[int] = None) -> Array:
+    """positions_BxL of x's tokens serve rotary positions; logit_bias_BxHxLxK is added to the
+    self-attention's logits; cache_index keeps one decoding cache per depth of a shared block."""
     cfg = self.cfg
 
-    def attention(name):
-      return MultiHeadAttention(cfg.num_heads, cfg.attention_dropout_rate, cfg.dtype,
-                                use_bias=cfg.attention_bias, name=name)
+    def attention(name, positional: bool):
+      return MultiHeadAttention(
+          cfg.num_heads, cfg.attention_dropout_rate, cfg.dtype, use_bias=cfg.attention_bias,
+          num_kv_heads=cfg.num_kv_heads, scale_logits=cfg.scale_attention,
+          qk_norm=cfg.norm if cfg.qk_norm else None, norm_epsilon=cfg.norm_epsilon,
+          rope_theta=cfg.rope_theta if positional and cfg.positional == positions.ROTARY
+          else None, name=name)
 
     x_BxLxD = self._residual(
-        x_BxLxD, lambda h: attention('self_attention')(
-            h, h, self_mask, deterministic=deterministic, decode=decode, cache_slot=cache_slot),
+        x_BxLxD, lambda h: attention('self_attention', True)(
+            h, h, self_mask, deterministic=deterministic, decode=decode, cache_slot=cache_slot,
+            positions_BxQ=positions_BxL, logit_bias_BxHxQxK=logit_bias_BxHxLxK,
+            cache_index=cache_index),
         'self_attention', deterministic)
-    if self.cross_attention:
+    if self.cross_attention:  # Positions do not apply across two sequences.
       x_BxLxD = self._residual(
-          x_BxLxD, lambda h: attention('cross_attention')(
+          x_BxLxD, lambda h: attention('cross_attention', False)(
               h, encoded_BxSxD, cross_mask, deterministic=deterministic),
           'cross_attention', deterministic)
     return self._residual(x_BxLxD, FeedForward(cfg, name='ffn'), 'ffn', deterministic)
 
 
 class Stack(nn.Module):
-  """num_layers Blocks, plus the final LayerNorm that pre-LN needs."""
+  """num_layers Blocks, plus the final norm that pre-LN needs.
+
+  share_layers (ALBERT) applies one Block, one set of parameters, at every depth.
+
+  A logit-bias positional scheme is computed once per stack and shared by its layers (T5 keeps
+  one relative-bias table per stack); `causal` picks T5's one-sided bucketing.
+  """
   cfg: ModelConfig
   num_layers: int
   cross_attention: bool = False
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x_BxLxD, self_mask, *, encoded_BxSxD=None, cross_mask=None,
-               deterministic=True, decode=False, cache_slot=None):
-    for i in range(self.num_layers):
-      x_BxLxD = Block(self.cfg, self.cross_attention, name=f'layer_{i}')(
+               deterministic=True, decode=False, cache_slot=None, positions_BxL=None,
+               kv_positions_BxK=None):
+    cfg = self.cfg
+    if kv_positions_BxK is None:  # Not decoding: the keys are the queries.
+      kv_positions_BxK = positions_BxL
+    logit_bias = None
+    if cfg.positional == 'relative_bias':
+      logit_bias = positions.RelativeBias(
+          cfg.num_heads, cfg.relative_buckets, cfg.relative_max_distance,
+          bidirectional=not self.causal, name='relative_bias')(positions_BxL, kv_positions_BxK)
+    elif cfg.positional == 'alibi':
+      logit_bias = positions.alibi_bias(positions_BxL, kv_positions_BxK, cfg.num_heads)
+    if cfg.share_layers:
+      blocks = [Block(cfg, self.cross_attention, name='layer')] * self.num_layers
+    else:
+      blocks = [Block(cfg, self.cross_attention, name=f'layer_{i}')
+                for i in range(self.num_layers)]
+    for i, block in enumerate(blocks):
+      x_BxLxD = block(
           x_BxLxD, self_mask, encoded_BxSxD=encoded_BxSxD, cross_mask=cross_mask,
-          deterministic=deterministic, decode=decode, cache_slot=cache_slot)
-    if self.cfg.pre_ln:
-      x_BxLxD = layer_norm('final_norm', self.cfg)(x_BxLxD)
+          deterministic=deterministic, decode=decode, cache_slot=cache_slot,
+          positions_BxL=positions_BxL, logit_bias_BxHxLxK=logit_bias,
+          cache_index=i if cfg.share_layers else None)
+    if cfg.pre_ln:
+      x_BxLxD = norm('final_norm', cfg)(x_BxLxD)
     return x_BxLxD

@@ -1,4 +1,5 @@
-"""The two model shapes of the family; the four variants differ only in mask kind and head.
+"""The two model shapes of the family; the four variants differ only in mask kind and head
+(the table that makes them is transformer/variants.py).
 
   original      EncoderDecoder                           (bidirectional encoder, causal decoder)
   bert_mlm      SingleStack(mask='bidirectional', head='mlm')
@@ -14,9 +15,9 @@ With `decode=True` the self-attention keys/values go through a cache ('cache' co
 import flax.linen as nn
 import jax.numpy as jnp
 
-from transformer import masks
+from transformer import masks, norms
 from transformer.attention import DecodeCursor, dense
-from transformer.layers import Embedder, ModelConfig, Stack, activation_fn, layer_norm
+from transformer.layers import Embedder, ModelConfig, Stack, activation_fn, norm
 
 Array = jnp.ndarray
 PAD_ID = 0
@@ -37,8 +38,13 @@ class OutputHead(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD: Array, embedder: Embedder) -> Array:
+    if self.cfg.output_rsqrt_scale:  # T5: undo the width's growth before the projection
+      x_BxLxD = x_BxLxD * self.cfg.d_model ** -0.5
     if self.cfg.tie_output:
-      # Embedding entries have std D^-0.5, so logits of unit-variance states have unit scale.
+      if self.cfg.embedding_dim:  # back to the factorised embedding's width
+        x_BxLxD = dense(self.cfg.embedding_dim, ('embed', None), self.cfg.dtype, 'to_embedding',
+                        use_bias=False)(x_BxLxD)
+      # Embedding entries have std W^-0.5, so logits of unit-variance states have unit scale.
       logits = embedder.attend(x_BxLxD)
     else:
       logits = dense(self.cfg.vocab_size, ('embed', 'vocab'), self.cfg.dtype, 'logits',
@@ -58,7 +64,7 @@ class EncoderDecoder(nn.Module):
     self.source_embedder = Embedder(cfg)
     self.target_embedder = self.source_embedder if cfg.share_embeddings else Embedder(cfg)
     self.encoder = Stack(cfg, cfg.num_layers)
-    self.decoder = Stack(cfg, cfg.num_decoder_layers, cross_attention=True)
+    self.decoder = Stack(cfg, cfg.num_decoder_layers, cross_attention=True, causal=True)
     self.output_head = OutputHead(cfg)
     self.cursor = DecodeCursor('causal')  # Holds variables only when decoding.
 
@@ -69,17 +75,17 @@ class EncoderDecoder(nn.Module):
     x_BxSxD = self.source_embedder(inputs_BxS, positions, None, deterministic=deterministic)
     mask = masks.self_attention_mask('bidirectional', inputs_BxS != PAD_ID,
                                      segment_ids_BxL=inputs_segment_ids_BxS)
-    return self.encoder(x_BxSxD, mask, deterministic=deterministic)
+    return self.encoder(x_BxSxD, mask, deterministic=deterministic, positions_BxL=positions)
 
   def decode(self, encoded_BxSxD, inputs_BxS, decoder_inputs_BxT, decoder_positions_BxT=None,
              inputs_segment_ids_BxS=None, decoder_segment_ids_BxT=None, *, deterministic=True,
              decode=False) -> Array:
     """Decoder logits [B, T, V]. With decode=True, T new tokens continue the cached prefix."""
     valid_BxT = decoder_inputs_BxT != PAD_ID
-    cache_slot = None
+    cache_slot = kv_positions = None
     if decode:
       # Decoding starts at bos, so every generated token is real (valid) input.
-      cache_slot, positions, self_mask = self.cursor(jnp.ones_like(valid_BxT))
+      cache_slot, positions, self_mask, kv_positions = self.cursor(jnp.ones_like(valid_BxT))
     else:
       positions = (default_positions(decoder_inputs_BxT) if decoder_positions_BxT is None
                    else decoder_positions_BxT)
@@ -91,8 +97,18 @@ class EncoderDecoder(nn.Module):
                                    deterministic=deterministic)
     y_BxTxD = self.decoder(y_BxTxD, self_mask, encoded_BxSxD=encoded_BxSxD,
                            cross_mask=cross_mask, deterministic=deterministic, decode=decode,
-                           cache_slot=cache_slot)
+                           cache_slot=cache_slot, positions_BxL=positions,
+                           kv_positions_BxK=kv_positions)
     return self.output_head(y_BxTxD, self.target_embedder)
+
+  @staticmethod
+  def batch_arguments(batch: dict) -> tuple[tuple, dict]:
+    """The (args, kwargs) of __call__ held by a data batch."""
+    return (batch['inputs'], batch['decoder_inputs']), dict(
+        inputs_positions=batch.get('inputs_positions'),
+        inputs_segment_ids=batch.get('inputs_segment_ids'),
+        decoder_positions=batch.get('decoder_positions'),
+        decoder_segment_ids=batch.get('decoder_segment_ids'))
 
   def __call__(self, inputs_BxS, decoder_inputs_BxT, *, inputs_positions=None,
                inputs_segment_ids=None, decoder_positions=None, decoder_segment_ids=None,
@@ -104,14 +120,20 @@ class EncoderDecoder(nn.Module):
 
 
 class MlmHead(nn.Module):
-  """BERT's MLM transform: dense + activation + LayerNorm, then the tied embedding plus a bias."""
+  """BERT's MLM transform: dense + activation + norm, then the tied embedding plus a bias.
+
+  With a factorised embedding (ALBERT) the transform maps to the embedding's width.
+  """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BxLxD: Array, embedder: Embedder) -> Array:
-    act = activation_fn(self.cfg.activation)
-    h_BxLxD = act(dense(self.cfg.d_model, ('embed', 'mlp'), self.cfg.dtype, 'transform')(x_BxLxD))
-    h_BxLxD = layer_norm('transform_norm', self.cfg)(h_BxLxD)
+    cfg = self.cfg
+    act = activation_fn(cfg.activation)
+    width, axis = (cfg.embedding_dim, None) if cfg.embedding_dim else (cfg.d_model, 'mlp')
+    h_BxLxD = act(dense(width, ('embed', axis), cfg.dtype, 'transform')(x_BxLxD))
+    h_BxLxD = (norms.make_norm(cfg.norm, cfg.norm_epsilon, cfg.dtype, 'transform_norm', None)
+               if cfg.embedding_dim else norm('transform_norm', cfg))(h_BxLxD)
     bias_V = _vocab_bias(self, self.cfg.vocab_size)
     return embedder.attend(h_BxLxD).astype(jnp.float32) + bias_V[None, None, :]
 
@@ -124,9 +146,15 @@ class SingleStack(nn.Module):
 
   def setup(self):
     self.embedder = Embedder(self.cfg)
-    self.stack = Stack(self.cfg, self.cfg.num_layers)
+    self.stack = Stack(self.cfg, self.cfg.num_layers, causal=self.mask_kind == 'causal')
     self.output_head = MlmHead(self.cfg) if self.head == 'mlm' else OutputHead(self.cfg)
     self.cursor = DecodeCursor(self.mask_kind)  # Holds variables only when decoding.
+
+  @staticmethod
+  def batch_arguments(batch: dict) -> tuple[tuple, dict]:
+    """The (args, kwargs) of __call__ held by a data batch."""
+    return (batch['inputs'],), {k: batch.get(k) for k in ('positions', 'segment_ids',
+                                                          'prefix_len', 'token_types')}
 
   def __call__(self, inputs_BxL, *, positions=None, segment_ids=None, prefix_len=None,
                token_types=None, deterministic=True, decode=False) -> Array:
@@ -137,9 +165,9 @@ class SingleStack(nn.Module):
     advance positions.
     """
     valid_BxL = inputs_BxL != PAD_ID
-    cache_slot = None
+    cache_slot = kv_positions = None
     if decode:
-      cache_slot, positions, mask = self.cursor(valid_BxL, prefix_len)
+      cache_slot, positions, mask, kv_positions = self.cursor(valid_BxL, prefix_len)
     else:
       positions = default_positions(inputs_BxL) if positions is None else positions
       # Packed prefix-LM rows carry no prefix_len: each example's source has token type 0.
@@ -148,22 +176,6 @@ class SingleStack(nn.Module):
                                        in_prefix_BxL=in_prefix, segment_ids_BxL=segment_ids)
     x_BxLxD = self.embedder(inputs_BxL, positions, token_types, deterministic=deterministic)
     x_BxLxD = self.stack(x_BxLxD, mask, deterministic=deterministic, decode=decode,
-                         cache_slot=cache_slot)
+                         cache_slot=cache_slot, positions_BxL=positions,
+                         kv_positions_BxK=kv_positions)
     return self.output_head(x_BxLxD, self.embedder)
-
-
-# variant -> (model class, keyword arguments): the whole difference between the four variants.
-VARIANTS = {
-    'original': (EncoderDecoder, {}),
-    'bert_mlm': (SingleStack, dict(mask_kind='bidirectional', head='mlm')),
-    'gpt_causal': (SingleStack, dict(mask_kind='causal', head='lm')),
-    'unilm_prefix': (SingleStack, dict(mask_kind='prefix', head='lm')),
-}
-
-
-def build_model(config, vocab_size: int) -> nn.Module:
-  """The Flax module of config.variant, with vocab_size from the tokenizer."""
-  if config.variant not in VARIANTS:
-    raise ValueError(f'Unknown variant {config.variant!r}; expected one of {", ".join(VARIANTS)}')
-  model_class, kwargs = VARIANTS[config.variant]
-  return model_class(ModelConfig.from_config(config, vocab_size), **kwargs)

@@ -20,7 +20,7 @@ from flax import traverse_util
 from matplotlib.figure import Figure
 
 from transformer import masks
-from transformer.layers import sinusoidal_encoding
+from transformer.positions import sinusoidal_encoding
 
 MAX_LABELLED_TOKENS = 60  # Longer sequences get no per-token tick labels (they would overlap).
 

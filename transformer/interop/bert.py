@@ -25,7 +25,7 @@ def config_from_hf(hf: dict, needs_logits_bias: bool) -> dict:
               activation=ACTIVATIONS_FROM_HF[activation],
               max_len=hf['max_position_embeddings'],
               num_token_types=hf.get('type_vocab_size', 2),
-              layer_norm_epsilon=hf.get('layer_norm_eps', 1e-12), pre_ln=False,
+              norm_epsilon=hf.get('layer_norm_eps', 1e-12), pre_ln=False,
               positional='learned', scale_embeddings=False, attention_bias=True,
               embedding_norm=True, tie_output=True, logits_bias=False,
               dropout_rate=hf.get('hidden_dropout_prob', 0.1),
@@ -49,7 +49,7 @@ def config_to_hf(config, hf_vocab_size: int, specials: dict) -> dict:
               num_hidden_layers=config.num_layers, intermediate_size=config.d_ff,
               hidden_act=ACTIVATIONS_TO_HF[config.activation],
               max_position_embeddings=config.max_len, type_vocab_size=config.num_token_types,
-              layer_norm_eps=config.layer_norm_epsilon, hidden_dropout_prob=config.dropout_rate,
+              layer_norm_eps=config.norm_epsilon, hidden_dropout_prob=config.dropout_rate,
               attention_probs_dropout_prob=config.attention_dropout_rate,
               pad_token_id=specials.get('pad'), tie_word_embeddings=True)
 

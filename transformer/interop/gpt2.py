@@ -20,7 +20,7 @@ def config_from_hf(hf: dict, needs_logits_bias: bool) -> dict:
   return dict(d_model=d_model, num_heads=hf['n_head'], num_layers=hf['n_layer'],
               d_ff=hf.get('n_inner') or 4 * d_model,
               activation=ACTIVATIONS_FROM_HF[activation], max_len=hf['n_positions'],
-              layer_norm_epsilon=hf.get('layer_norm_epsilon', 1e-5), pre_ln=True,
+              norm_epsilon=hf.get('layer_norm_epsilon', 1e-5), pre_ln=True,
               positional='learned', scale_embeddings=False, attention_bias=True,
               embedding_norm=False, tie_output=True, num_token_types=0,
               logits_bias=needs_logits_bias, dropout_rate=hf.get('resid_pdrop', 0.1),
@@ -45,7 +45,7 @@ def config_to_hf(config, hf_vocab_size: int, specials: dict) -> dict:
               n_embd=config.d_model, n_head=config.num_heads, n_layer=config.num_layers,
               n_inner=config.d_ff, n_positions=config.max_len,
               activation_function=ACTIVATIONS_TO_HF[config.activation],
-              layer_norm_epsilon=config.layer_norm_epsilon, resid_pdrop=config.dropout_rate,
+              layer_norm_epsilon=config.norm_epsilon, resid_pdrop=config.dropout_rate,
               embd_pdrop=config.dropout_rate, attn_pdrop=config.attention_dropout_rate,
               bos_token_id=specials.get('bos'), eos_token_id=specials.get('eos'),
               pad_token_id=specials.get('pad'), tie_word_embeddings=True)

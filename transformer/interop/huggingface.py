@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from transformer import checkpoint, models, objectives, optim, sharding, train
-from transformer.interop import BY_VARIANT, FAMILIES, rules as rules_lib
+from transformer import checkpoint, objectives, optim, sharding, train, variants
+from transformer.interop import FAMILIES, exporters, rules as rules_lib
 from transformer.interop.rules import UnsupportedConfigError
 from transformer.interop.vocab import SPECIALS, VocabMap
 
@@ -58,8 +58,12 @@ def read_weights(hf_dir: str) -> dict:
       tensors.update(load_file(os.path.join(hf_dir, name)))
   elif os.path.exists(os.path.join(hf_dir, 'pytorch_model.bin')):
     import torch  # pylint: disable=import-outside-toplevel  # only for PyTorch weight files
-    state = torch.load(os.path.join(hf_dir, 'pytorch_model.bin'), map_location='cpu',
-                       weights_only=True)  # data only: never unpickle code
+    path = os.path.join(hf_dir, 'pytorch_model.bin')
+    try:
+      state = torch.load(path, map_location='cpu', weights_only=True)  # data: never run code
+    except Exception as e:  # pylint: disable=broad-except  # torch raises several kinds
+      raise UnsupportedConfigError(f'{path} is not a plain weights file (loading it as data '
+                                   f'failed: {str(e).splitlines()[0]}).') from None
     tensors = {k: v.float().numpy() for k, v in state.items()}
   else:
     raise FileNotFoundError(f'{hf_dir} has no *.safetensors or pytorch_model.bin weights.')
@@ -95,21 +99,11 @@ def vocab_map(family, hf_config: dict, tokenizer_specials: dict) -> VocabMap:
 
 # --- Our side ------------------------------------------------------------------------------------
 
-def example_batch(config) -> dict:
-  """A one-row batch with the inputs the model of config reads (for shapes only)."""
-  ids = jnp.ones((1, 8), jnp.int32)
-  if models.VARIANTS[config.variant][0] is models.EncoderDecoder:
-    return {'inputs': ids, 'decoder_inputs': ids}
-  if config.num_token_types:
-    return {'inputs': ids, 'token_types': jnp.zeros_like(ids)}
-  return {'inputs': ids}
-
-
 def check_tree(params: dict, config, vocab_size: int):
   """Raises if `params` differs in names or shapes from what the model of config initialises."""
-  model = models.build_model(config, vocab_size)
+  model = variants.build_model(config, vocab_size)
   expected = jax.eval_shape(lambda: nn.unbox(objectives.init_params(
-      model, example_batch(config), jax.random.key(0))))
+      model, variants.example_batch(config), jax.random.key(0))))
   flat = lambda tree: {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(x.shape)
                        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
   got, want = flat(params), flat(expected)
@@ -182,10 +176,11 @@ def workdir_vocab(config) -> VocabMap:
 
 def restore_params(config, workdir: str, vocab_size: int, which: str = 'latest') -> dict:
   """The parameters of a workdir's checkpoint (`which`: latest or a step), as numpy arrays."""
-  model = models.build_model(config, vocab_size)
+  model = variants.build_model(config, vocab_size)
   optimizer = optim.make_optimizer(config)
   mesh = sharding.make_mesh(config)
-  abstract, _ = train.abstract_state(model, optimizer, config, example_batch(config), mesh)
+  abstract, _ = train.abstract_state(model, optimizer, config, variants.example_batch(config),
+                                     mesh)
   ckpt = checkpoint.Checkpointer(workdir, config, vocab_size)
   if not ckpt.all_steps():
     ckpt.close()
@@ -196,17 +191,28 @@ def restore_params(config, workdir: str, vocab_size: int, which: str = 'latest')
   return jax.tree.map(np.asarray, jax.device_get(state.params))
 
 
-def export_workdir(config, workdir: str, out_dir: str, which: str = 'latest') -> dict:
-  """Writes config.json, model.safetensors (and the tokenizer of a converted workdir) to out_dir,
-  loadable with transformers' from_pretrained. Returns the Hugging Face config dict."""
-  if config.variant not in BY_VARIANT:
-    raise UnsupportedConfigError(f'variant {config.variant!r} has no Hugging Face counterpart; '
-                                 f'exportable: {", ".join(sorted(BY_VARIANT))}.')
-  family = BY_VARIANT[config.variant]
+def _export_config(config):
+  """(family, Hugging Face config, vocabulary map): the first reference that can express the
+  model of config; UnsupportedConfigError with every reference's reason otherwise."""
+  candidates = exporters(config)
+  if not candidates:
+    raise UnsupportedConfigError(f'variant {config.variant!r} has no Hugging Face counterpart.')
   vocab = workdir_vocab(config)
   specials = {name: int(vocab.our_to_hf[i]) if vocab.our_to_hf[i] >= 0 else None
               for i, name in enumerate(SPECIALS)}
-  hf_config = family.config_to_hf(config, vocab.hf_size, specials)
+  reasons = []
+  for family in candidates:
+    try:
+      return family, family.config_to_hf(config, vocab.hf_size, specials), vocab
+    except UnsupportedConfigError as e:
+      reasons.append(f'{family.ARCHITECTURE}: {e}')
+  raise UnsupportedConfigError(' '.join(reasons))
+
+
+def export_workdir(config, workdir: str, out_dir: str, which: str = 'latest') -> dict:
+  """Writes config.json, model.safetensors (and the tokenizer of a converted workdir) to out_dir,
+  loadable with transformers' from_pretrained. Returns the Hugging Face config dict."""
+  family, hf_config, vocab = _export_config(config)
   params = restore_params(config, workdir, vocab.size, which)
   tensors = rules_lib.params_to_hf(family.rules(config), params, vocab)
 

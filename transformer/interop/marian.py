@@ -23,7 +23,7 @@ def config_from_hf(hf: dict, needs_logits_bias: bool) -> dict:
   return dict(d_model=hf['d_model'], num_heads=hf['encoder_attention_heads'],
               num_layers=hf['encoder_layers'], num_decoder_layers=hf['decoder_layers'],
               d_ff=hf['encoder_ffn_dim'], activation=ACTIVATIONS_FROM_HF[activation],
-              max_len=hf['max_position_embeddings'], layer_norm_epsilon=LAYER_NORM_EPSILON,
+              max_len=hf['max_position_embeddings'], norm_epsilon=LAYER_NORM_EPSILON,
               pre_ln=False, positional='sinusoidal', sinusoidal_layout='halves',
               scale_embeddings=hf.get('scale_embedding', False), attention_bias=True,
               embedding_norm=False, share_embeddings=True, tie_output=True, num_token_types=0,
@@ -47,9 +47,9 @@ def config_to_hf(config, hf_vocab_size: int, specials: dict) -> dict:
                 'Marian shares and ties one embedding, without norm or token types: export '
                 'needs share_embeddings=True, tie_output=True, embedding_norm=False, '
                 'num_token_types=0.')
-  refuse_unless(config.layer_norm_epsilon == LAYER_NORM_EPSILON,
+  refuse_unless(config.norm_epsilon == LAYER_NORM_EPSILON,
                 f'Marian\'s LayerNorm epsilon is fixed at {LAYER_NORM_EPSILON}: export needs '
-                f'layer_norm_epsilon={LAYER_NORM_EPSILON}.')
+                f'norm_epsilon={LAYER_NORM_EPSILON}.')
   return dict(model_type=MODEL_TYPE, architectures=[ARCHITECTURE], vocab_size=hf_vocab_size,
               decoder_vocab_size=hf_vocab_size, d_model=config.d_model,
               encoder_attention_heads=config.num_heads, decoder_attention_heads=config.num_heads,

@@ -6,6 +6,7 @@ Face tensor name and a transform that is exactly invertible, so the same table c
   same      the same array
   linear    a torch.nn.Linear weight [out, in] <-> our Dense kernel [in, out]
   rows      an embedding table [V, D], relabelled by the VocabMap
+  lm_head   an untied output weight [V, D] <-> our logits kernel [D, V], relabelled
   bias      a logit bias [V], relabelled; NEVER_LOGIT where no token may be predicted
   bias_row  the same held as [1, V] (Marian's final_logits_bias)
   part      slice `index` of `parts` equal slices along the last axis (GPT-2's fused q, k, v)
@@ -29,7 +30,7 @@ class UnsupportedConfigError(ValueError):
 class Rule:
   ours: str  # '/'-joined path in our parameter tree
   hf: str  # tensor name in the Hugging Face state dict
-  kind: str = 'same'  # same | linear | rows | bias | bias_row | part
+  kind: str = 'same'  # same | linear | rows | lm_head | bias | bias_row | part
   index: int = 0  # kind 'part': which slice
   parts: int = 1  # kind 'part': how many slices
 
@@ -41,6 +42,8 @@ def from_hf(rule: Rule, tensor: np.ndarray, vocab: VocabMap) -> np.ndarray:
     return tensor.T
   if rule.kind == 'rows':
     return vocab.rows_from_hf(tensor)
+  if rule.kind == 'lm_head':
+    return vocab.rows_from_hf(tensor).T
   if rule.kind in ('bias', 'bias_row'):
     return vocab.bias_from_hf(None if tensor is None else tensor.reshape(-1))
   if rule.kind == 'part':
@@ -82,6 +85,8 @@ def params_to_hf(rules: list[Rule], params: dict, vocab: VocabMap) -> dict:
       tensors[rule.hf] = value.T
     elif rule.kind == 'rows':
       tensors[rule.hf] = vocab.rows_to_hf(value)
+    elif rule.kind == 'lm_head':
+      tensors[rule.hf] = vocab.rows_to_hf(value.T)
     elif rule.kind in ('bias', 'bias_row'):
       bias = vocab.bias_to_hf(value)
       tensors[rule.hf] = bias[None] if rule.kind == 'bias_row' else bias
@@ -97,20 +102,19 @@ def params_to_hf(rules: list[Rule], params: dict, vocab: VocabMap) -> dict:
   return {k: np.ascontiguousarray(v) for k, v in tensors.items()}
 
 
-def attention_rules(ours: str, hf: str, names: dict[str, str], kind: str = 'linear') -> list[Rule]:
-  """q/k/v/out projections with biases: names maps our query|key|value|out to the reference's."""
-  return [Rule(f'{ours}/{our}/{leaf}', f'{hf}.{theirs}.{leaf_hf}',
-               kind if leaf == 'kernel' else 'same')
-          for our, theirs in names.items()
-          for leaf, leaf_hf in (('kernel', 'weight'), ('bias', 'bias'))]
+def attention_rules(ours: str, hf: str, names: dict[str, str], bias: bool = True) -> list[Rule]:
+  """q/k/v/out projections: names maps our query|key|value|out to the reference's."""
+  return [rule for our, theirs in names.items()
+          for rule in dense_rules(f'{ours}/{our}', f'{hf}.{theirs}', bias=bias)]
 
 
 def layer_norm_rules(ours: str, hf: str) -> list[Rule]:
   return [Rule(f'{ours}/scale', f'{hf}.weight'), Rule(f'{ours}/bias', f'{hf}.bias')]
 
 
-def dense_rules(ours: str, hf: str, kind: str = 'linear') -> list[Rule]:
-  return [Rule(f'{ours}/kernel', f'{hf}.weight', kind), Rule(f'{ours}/bias', f'{hf}.bias')]
+def dense_rules(ours: str, hf: str, kind: str = 'linear', bias: bool = True) -> list[Rule]:
+  return [Rule(f'{ours}/kernel', f'{hf}.weight', kind),
+          *([Rule(f'{ours}/bias', f'{hf}.bias')] if bias else [])]
 
 
 def require(hf_config: dict, field: str, allowed, default=None):
