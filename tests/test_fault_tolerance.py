@@ -24,7 +24,7 @@ from tests import run_helpers as rh
 from transformer import checkpoint, data, train
 
 pytestmark = [
-    pytest.mark.skipif(not rh.HAVE_CORPUS, reason=f'no shared corpora at {rh.RAW}'),
+    rh.needs_corpus,
     # A failed restore leaves orbax's pending reads to complete after its event loop closed:
     # "Event loop is closed" noise, nothing more.
     pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning'),

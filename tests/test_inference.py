@@ -11,7 +11,7 @@ from configs import bert_mlm, gpt_causal
 from tests import run_helpers
 from transformer import inference, train
 
-pytestmark = pytest.mark.skipif(not run_helpers.HAVE_CORPUS, reason='no shared corpora')
+pytestmark = run_helpers.needs_corpus
 
 
 @pytest.fixture(scope='module')
@@ -59,9 +59,9 @@ def test_visualize_writes_teaching_and_attention_plots(trained):
 
 def test_modes_refuse_the_wrong_variant(trained):
   config, workdir = trained
-  with pytest.raises(ValueError, match='needs gpt_causal'):
+  with pytest.raises(ValueError, match=r'generate needs a variant that generates \(gpt_causal\)'):
     inference.run_generate(config, workdir, 'A', 1)
-  with pytest.raises(ValueError, match='needs bert_mlm'):
+  with pytest.raises(ValueError, match=r'fills masks \(bert_mlm\)'):
     inference.run_fill_mask(config, workdir, 'A <mask>.')
 
 

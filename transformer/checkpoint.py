@@ -7,12 +7,15 @@ checkpoint, which orbax commits once all have written.
 
 Crash safety: a step folder appears only once its checkpoint is complete (orbax writes to a
 temporary folder and renames it); the leftovers of a save interrupted by kill -9 are temporary
-folders, ignored and cleaned up on the next start. A state holding NaN or Inf is never saved.
+folders, ignored, named in a warning and removed on the next start of training. A state holding
+NaN or Inf is never saved. Each checkpoint records a checksum of every array of its state
+(state_checksum), computed on the devices from the state being saved and checked after every
+restore: a flipped bit that still decodes is caught like a truncated file.
 A restart resumes from the newest checkpoint that restores; one that does not (truncated or
-corrupted files, non-finite values) is skipped with a warning naming it and, once an older one
-has restored, moved to WORKDIR/checkpoints_unreadable/ so that the resumed run can write that step
-again. If checkpoints exist but none restores, the run stops rather than start afresh.
-A checkpoint of a model of another shape is refused, never overwritten.
+corrupted files, a checksum that differs, non-finite values) is skipped with a warning naming it
+and, once an older one has restored, moved to WORKDIR/checkpoints_unreadable/ so that the resumed
+run can write that step again. If checkpoints exist but none restores, the run stops rather than
+start afresh. A checkpoint of a model of another shape is refused, never overwritten.
 """
 
 import dataclasses
@@ -22,21 +25,28 @@ import time
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
-from transformer import distributed
+from transformer import distributed, errors
 from transformer.layers import ModelConfig
 
 # Config fields that change parameter shapes: a checkpoint must agree on all of them.
 SHAPE_FIELDS = ('variant', 'd_model', 'num_heads', 'num_layers', 'num_decoder_layers', 'd_ff',
                 'positional', 'max_len', 'share_embeddings', 'tie_output', 'num_token_types',
-                'attention_bias', 'embedding_norm', 'logits_bias')
+                'attention_bias', 'embedding_norm', 'logits_bias', 'num_kv_heads', 'ffn',
+                'ffn_bias', 'norm', 'qk_norm', 'relative_buckets', 'embedding_dim',
+                'share_layers')
 
 
-class IncompatibleCheckpointError(ValueError):
+# The name orbax gives the folder of a save in progress: <step>.orbax-checkpoint-tmp-<time>.
+UNFINISHED_MARK = '.orbax-checkpoint-tmp'
+
+
+class IncompatibleCheckpointError(errors.ConfigError):
   pass
 
 
@@ -44,7 +54,7 @@ class NonFiniteStateError(FloatingPointError):
   pass
 
 
-class UnreadableCheckpointsError(RuntimeError):
+class UnreadableCheckpointsError(errors.UserError, RuntimeError):
   pass
 
 
@@ -59,19 +69,74 @@ def all_finite(tree) -> bool:
   return not leaves or bool(_all_finite_leaves(leaves))
 
 
+def _as_words(x):
+  """The bits of x as uint32, one word per element (two for 8-byte dtypes)."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  if x.dtype.itemsize >= 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _word_checksum(words):
+  """(sum of words, sum of words x (2i + 1)) mod 2^32, i the row-major index.
+
+  Exact integer sums: the same whatever the sharding or the order of the reduction, so a state
+  restored into another mesh checks against the checksum it was saved with. An odd weight makes
+  every single flipped bit change the second sum; two sums leave 2^-64 to chance otherwise.
+  """
+  strides = [int(np.prod(words.shape[d + 1:])) % 2 ** 32 for d in range(words.ndim)]
+  index = jnp.zeros(words.shape, jnp.uint32)
+  for d, stride in enumerate(strides):  # broadcasted iotas keep the sharding (no reshape)
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, d) * jnp.uint32(stride)
+  return jnp.stack([jnp.sum(words, dtype=jnp.uint32),
+                    jnp.sum(words * (2 * index + 1), dtype=jnp.uint32)])
+
+
+@jax.jit
+def _leaf_checksums(leaves):
+  return jnp.stack([_word_checksum(_as_words(x)) for x in leaves])
+
+
+def state_checksum(state) -> dict[str, str]:
+  """{leaf path: 16 hex digits} of the exact bits of every array of `state` (a collective: all
+  processes must call it; computed where the arrays live, only the digits reach the host)."""
+  paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(state)[0])
+  sums = np.asarray(jax.device_get(_leaf_checksums(list(leaves))))
+  return {jax.tree_util.keystr(path, simple=True, separator='/'): f'{a:08x}{b:08x}'
+          for path, (a, b) in zip(paths, sums)}
+
+
+def committed_steps(workdir: str) -> list[int]:
+  """The steps of WORKDIR/checkpoints, from the folder names alone: for deciding, before any
+  Checkpointer exists (it creates and cleans up that folder), whether a run resumes."""
+  folder = epath.Path(workdir) / 'checkpoints'
+  if not folder.is_dir():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
 def _short(error: Exception, limit: int = 300) -> str:
   text = f'{type(error).__name__}: {error}'
   return text if len(text) <= limit else text[:limit] + '...'
 
 
 class Checkpointer:
-  """Saves and restores {state, data iterator, config} for one workdir."""
+  """Saves and restores {state, data iterator, config} for one workdir.
 
-  def __init__(self, workdir: str, config, vocab_size: int):
+  read_only: for using a model (eval, translate, ...), perhaps while it trains: creates nothing,
+  removes no unfinished save (it may be the training run's) and moves no unreadable checkpoint.
+  Close it (or use it as a context manager) before the program ends: orbax's background threads
+  otherwise outlive the interpreter and fail noisily.
+  """
+
+  def __init__(self, workdir: str, config, vocab_size: int, read_only: bool = False):
     workdir = os.fspath(workdir)
     if '://' not in workdir:  # gs://... and other URLs are used as they are
       workdir = os.path.abspath(workdir)
     self.directory = os.path.join(workdir, 'checkpoints')
+    self.read_only = read_only
     self.config_json = dict(config.to_dict(), model_vocab_size=vocab_size)
     self.best_metric = best_metric = config.best_metric
     value = lambda m: m.get(best_metric, float('inf')) if m else float('inf')
@@ -80,16 +145,24 @@ class Checkpointer:
         checkpoint_managers.BestN(get_metric_fn=lambda m: -value(m), n=1,
                                   keep_checkpoints_without_metrics=False),
     ])
+    if not read_only:
+      _announce_unfinished_saves(self.directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
         # best_fn makes orbax write each step's metrics, so the best step survives restarts.
         options=ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=value,
-                                             best_mode='min', create=True,
+                                             best_mode='min', create=not read_only,
                                              enable_async_checkpointing=True,
-                                             cleanup_tmp_directories=True),
+                                             cleanup_tmp_directories=not read_only),
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'data': grain.checkpoint.CheckpointHandler(),
                        'config': ocp.JsonCheckpointHandler()})
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -134,7 +207,8 @@ class Checkpointer:
       raise NonFiniteStateError(
           f'Refusing to save step {step} to {self.directory}: the train state holds NaN or Inf. '
           'Earlier checkpoints are kept.')
-    config = dict(self.config_json, has_data_state=data_iterator is not None)
+    config = dict(self.config_json, has_data_state=data_iterator is not None,
+                  state_checksum=state_checksum(state))
     items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config))
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -145,11 +219,29 @@ class Checkpointer:
     return saved
 
   def _restore_step(self, step: int, abstract_state, data_iterator):
+    """(state, the config saved with it)."""
     items = dict(state=ocp.args.StandardRestore(abstract_state))
     saved_config = self.check_compatible(step)
     if data_iterator is not None and saved_config.get('has_data_state', True):
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-    return self.manager.restore(step, args=ocp.args.Composite(**items))['state']
+    return self.manager.restore(step, args=ocp.args.Composite(**items))['state'], saved_config
+
+  @staticmethod
+  def _distrust(state, saved_config: dict) -> str | None:
+    """Why a restored state cannot be used (NaN or Inf, a checksum that differs), or None.
+
+    A collective: every process calls it and gets the same answer.
+    """
+    if not all_finite(state):
+      return 'the train state holds NaN or Inf'
+    expected = saved_config.get('state_checksum')  # None: saved before checksums were written
+    if expected is None:
+      return None
+    differ = [k for k, v in state_checksum(state).items() if expected.get(k) != v]
+    if differ:
+      return (f'checksum mismatch in {len(differ)} array(s) ({", ".join(differ[:3])}'
+              f'{", ..." if len(differ) > 3 else ""}): its files changed after they were written')
+    return None
 
   def restore(self, abstract_state, data_iterator=None, step: int | None = None):
     """(state, step) from `step`, or from the newest checkpoint that restores; (None, 0) if none.
@@ -160,22 +252,25 @@ class Checkpointer:
     naming it; UnreadableCheckpointsError if checkpoints exist but none restores.
     """
     if step is not None:
-      state = self._restore_step(step, abstract_state, data_iterator)
-      if not all_finite(state):
-        raise NonFiniteStateError(f'{self.directory}/{step} holds NaN or Inf.')
+      state, saved_config = self._restore_step(step, abstract_state, data_iterator)
+      problem = self._distrust(state, saved_config)
+      if problem:
+        raise UnreadableCheckpointsError(f'{self.directory}/{step} cannot be used: {problem}.')
       return state, step
     unreadable = []
     for candidate in self.all_steps()[::-1]:
       try:
-        state, error = self._restore_step(candidate, abstract_state, data_iterator), None
+        (state, saved_config), error = self._restore_step(candidate, abstract_state,
+                                                          data_iterator), None
       except IncompatibleCheckpointError:
         raise
       except Exception as e:  # pylint: disable=broad-except
         state, error = None, _short(e)
-      # Every process takes the same decision (all_processes and all_finite are collectives).
+      # Every process takes the same decision (all_processes and _distrust are collectives).
       restored_everywhere = distributed.all_processes(error is None)
-      if restored_everywhere and not all_finite(state):
-        restored_everywhere, error = False, 'the train state holds NaN or Inf'
+      if restored_everywhere:
+        error = self._distrust(state, saved_config)
+        restored_everywhere = error is None
       if not restored_everywhere:
         error = error or 'it could not be restored on another process'
         logging.warning('Checkpoint %s/%d could not be restored (%s); falling back to the '
@@ -194,7 +289,11 @@ class Checkpointer:
 
   def _set_aside(self, steps: list[int], resumed: int):
     """Moves unreadable step folders to WORKDIR/checkpoints_unreadable/, so the resumed run can
-    save those steps again (orbax skips a step it already lists)."""
+    save those steps again (orbax skips a step it already lists); read-only, only names them."""
+    if self.read_only:
+      logging.warning('Using %s/%d instead of the newer unreadable checkpoint(s) %s.',
+                      self.directory, resumed, ', '.join(map(str, steps)))
+      return
     parent = epath.Path(self.directory).parent / 'checkpoints_unreadable'
     moved = []
     for s in steps:
@@ -214,4 +313,17 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self):
+    """Waits for pending saves, then stops orbax's background threads."""
     self.manager.close()
+
+
+def _announce_unfinished_saves(directory: str):
+  """Names the folders of saves that never finished (kill -9, a crash, a full disk), which orbax
+  removes as the CheckpointManager starts (cleanup_tmp_directories)."""
+  folder = epath.Path(directory)
+  if not folder.is_dir() or jax.process_index() != 0:
+    return
+  unfinished = sorted(p.name for p in folder.iterdir() if UNFINISHED_MARK in p.name)
+  if unfinished:
+    logging.warning('Removing %d unfinished checkpoint folder(s) that an interrupted save left in '
+                    '%s: %s.', len(unfinished), directory, ', '.join(unfinished))

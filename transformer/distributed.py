@@ -12,7 +12,7 @@ A single process (no such environment) needs nothing. After it, jax.process_inde
 jax.process_count() drive the data shards (each process reads its own), the writer (process 0
 only) and orbax (all processes write their shards of a checkpoint together).
 
-`PreemptionNotice` turns SIGTERM into a stop at one step that every process agrees on.
+`PreemptionNotice` turns SIGTERM or Ctrl-C into a stop at one step that every process agrees on.
 """
 
 import ctypes
@@ -158,17 +158,24 @@ def barrier(name: str):
     multihost_utils.sync_global_devices(name)
 
 
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C (SIGINT) stopped training after saving a checkpoint: launch.main exits with 130."""
+
+
 class PreemptionNotice:
-  """SIGTERM (a scheduler's preemption notice) -> stop after the current step, on every process.
+  """SIGTERM (a scheduler's preemption notice) or Ctrl-C (SIGINT) -> stop after the current step,
+  on every process.
 
   Use as a context manager around the train loop and ask `reached(step)` after every step; all
-  processes must ask at every step. True means: save a checkpoint at `step` and exit.
+  processes must ask at every step. True means: save a checkpoint at `step` and exit; `received`
+  names the signal. A second Ctrl-C raises KeyboardInterrupt at once, saving nothing.
 
-  - One process: a Python SIGTERM handler sets a flag, read at the next step.
+  - One process: a Python handler sets a flag, read at the next step.
   - Several processes with JAX's preemption sync service (started by jax.distributed.initialize,
     also on CPU): the service's own (C++) SIGTERM handler tells the coordinator, which picks the
-    step at which all processes stop, whichever of them got the signal. No Python handler is
-    installed: it would replace the service's and the notice would be lost.
+    step at which all processes stop, whichever of them got the signal. No Python SIGTERM handler
+    is installed: it would replace the service's and the notice would be lost. Ctrl-C is turned
+    into a SIGTERM to this process, for the service to act on.
   - Several processes without the service (jax_enable_preemption_service=False): the Python flag
     is shared by an all-gather every `fallback_every` steps, so processes stop together at the
     first such step after the signal.
@@ -176,30 +183,34 @@ class PreemptionNotice:
 
   def __init__(self, fallback_every: int = 1):
     self.fallback_every = max(int(fallback_every), 1)
-    self.received = False
-    self._previous = None
+    self.received = None
+    self._previous = {}
 
   def __enter__(self):
-    self.received = False
+    self.received = None
     self.use_service = jax.process_count() > 1 and preemption_service_running()
-    if not self.use_service:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    signals = (signal.SIGINT,) if self.use_service else (signal.SIGINT, signal.SIGTERM)
+    self._previous = {s: signal.signal(s, self._handle) for s in signals}
     return self
 
   def __exit__(self, *exc_info):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
+    self._previous = {}
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.received = True
+    del frame
+    if signum == signal.SIGINT and self.received == 'SIGINT':
+      raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait for the save
+    self.received = self.received or signal.Signals(signum).name
+    if self.use_service:  # SIGINT: the service acts on SIGTERM only
+      os.kill(os.getpid(), signal.SIGTERM)
 
   def reached(self, step: int) -> bool:
     if self.use_service:
       return bool(multihost_utils.reached_preemption_sync_point(step))
     if jax.process_count() == 1:
-      return self.received
+      return self.received is not None
     if step % self.fallback_every:
       return False
-    return not all_processes(not self.received)
+    return not all_processes(self.received is None)

@@ -12,8 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 
-from transformer import checkpoint, data, decode, evaluate, optim, train, visualize
+from transformer import (checkpoint, config_checks, data, decode, errors, evaluate, optim, train,
+                         variants, visualize)
 
 
 def restore(config, workdir: str, which: str = 'latest'):
@@ -24,31 +26,36 @@ def restore(config, workdir: str, which: str = 'latest'):
   """
   exp = train.Experiment(config)
   abstract, _ = exp.abstract_state()
-  ckpt = checkpoint.Checkpointer(workdir, config, exp.tokenizer.vocab_size)
-  kept = ckpt.all_steps()
-  if not kept:
-    raise FileNotFoundError(f'No checkpoint in {ckpt.directory}: train first with --mode=train '
-                            f'--workdir={workdir}')
-  if which == 'latest':
-    steps = [None]
-  elif which == 'best':
-    steps = [ckpt.best_step()]
-    if steps[0] is None:
-      raise ValueError(f'No checkpoint in {ckpt.directory} has {config.best_metric!r}; use '
-                       '--checkpoint=latest.')
-  else:
-    steps = [int(s) for s in which.split(',')]
-    missing = [s for s in steps if s not in kept]
-    if missing:
-      raise ValueError(f'No checkpoint of step {", ".join(map(str, missing))} in '
-                       f'{ckpt.directory}; it holds steps {", ".join(map(str, kept))}.')
-  restored = [ckpt.restore(abstract, step=step) for step in steps]
-  ckpt.close()
+  # Read-only: a training run may be writing to this workdir.
+  with checkpoint.Checkpointer(workdir, config, exp.tokenizer.vocab_size, read_only=True) as ckpt:
+    restored = [ckpt.restore(abstract, step=step) for step in _steps(ckpt, which, config)]
   steps = [step for _, step in restored]
   params = jax.tree.map(lambda *p: sum(p) / len(p), *[state.params for state, _ in restored])
   logging.info('Restored step %s from %s%s.', ', '.join(map(str, steps)), ckpt.directory,
                ' (parameters averaged)' if len(steps) > 1 else '')
   return exp, params, steps
+
+
+def _steps(ckpt: checkpoint.Checkpointer, which: str, config) -> list[int | None]:
+  """The steps that `which` names (None: the latest that restores)."""
+  kept = ckpt.all_steps()
+  if not kept:
+    raise errors.MissingError(f'No checkpoint in {ckpt.directory}: train first with --mode=train '
+                              f'--workdir={os.path.dirname(ckpt.directory)}')
+  if which == 'latest':
+    return [None]
+  if which == 'best':
+    best = ckpt.best_step()
+    if best is None:
+      raise errors.ConfigError(f'No checkpoint in {ckpt.directory} has {config.best_metric!r}; '
+                               'use --checkpoint=latest.')
+    return [best]
+  steps = [int(s) for s in which.split(',')]
+  missing = [s for s in steps if s not in kept]
+  if missing:
+    raise errors.ConfigError(f'No checkpoint of step {", ".join(map(str, missing))} in '
+                             f'{ckpt.directory}; it holds steps {", ".join(map(str, kept))}.')
+  return steps
 
 
 def run_eval(config, workdir: str, split: str, which: str = 'latest') -> dict:
@@ -65,7 +72,7 @@ def run_eval(config, workdir: str, split: str, which: str = 'latest') -> dict:
   eval_fn = train.jit_eval_step(exp.model, config, exp.mesh, None)
   result = dict(split=split, step=steps[-1], checkpoint=which, averaged_steps=steps,
                 **evaluate.loss_metrics(exp, eval_fn, params, batches))
-  if config.variant in evaluate.TRANSLATION_VARIANTS:
+  if variants.get(config.variant).translates:
     scores, hypotheses = evaluate.translation_scores(exp, params, split,
                                                      beam_size=config.beam_size)
     result.update(scores, beam_size=config.beam_size, length_penalty=config.length_penalty,
@@ -75,15 +82,14 @@ def run_eval(config, workdir: str, split: str, which: str = 'latest') -> dict:
     print(f'chrF {scores["chrf"]:.2f} ({scores["chrf_signature"]})')
   if jax.process_index() == 0:
     name = f'step{steps[0]}' if len(steps) == 1 else 'avg' + '-'.join(map(str, steps))
-    path = os.path.join(workdir, f'eval_{split}_{name}{_decode_suffix(config)}.json')
-    with open(path, 'w', encoding='utf-8') as f:
-      json.dump(result, f, indent=2)
+    path = epath.Path(os.fspath(workdir)) / f'eval_{split}_{name}{_decode_suffix(config)}.json'
+    path.write_text(json.dumps(result, indent=2))
     logging.info('Wrote %s', path)
   return result
 
 
 def _decode_suffix(config) -> str:
-  if config.variant not in evaluate.TRANSLATION_VARIANTS:
+  if not variants.get(config.variant).translates:
     return ''
   if config.beam_size == 1:
     return '_greedy'
@@ -110,8 +116,7 @@ def _write_lines(lines: list[str], path: str | None):
 def run_translate(config, workdir: str, input_path: str | None, output_path: str | None,
                   which: str = 'latest'):
   """One output line per input line, in order; empty lines stay empty; long ones are truncated."""
-  if config.variant not in evaluate.TRANSLATION_VARIANTS:
-    raise ValueError(f'--mode=translate needs original or unilm_prefix, not {config.variant}.')
+  config_checks.check_mode(config, 'translate')
   exp, params, _ = restore(config, workdir, which)
   lines = _read_lines(input_path)
   sources = [line.strip() for line in lines]
@@ -126,8 +131,7 @@ def run_translate(config, workdir: str, input_path: str | None, output_path: str
 
 def run_generate(config, workdir: str, prompt: str, num_samples: int, which: str = 'latest'):
   """Prints num_samples continuations of `prompt` (sampled with the config's settings)."""
-  if config.variant != 'gpt_causal':
-    raise ValueError(f'--mode=generate needs gpt_causal, not {config.variant}.')
+  config_checks.check_mode(config, 'generate')
   exp, params, _ = restore(config, workdir, which)
   samples = evaluate.lm_samples(exp, params, prompt, num_samples)
   _write_lines([f'--- sample {i} ---\n{s}' for i, s in enumerate(samples)], None)
@@ -136,13 +140,10 @@ def run_generate(config, workdir: str, prompt: str, num_samples: int, which: str
 
 def run_fill_mask(config, workdir: str, text: str, top_k: int = 5, which: str = 'latest'):
   """The top_k predictions for each <mask> in `text`, one line per mask."""
-  if config.variant != 'bert_mlm':
-    raise ValueError(f'--mode=fill_mask needs bert_mlm, not {config.variant}.')
+  config_checks.check_mode(config, 'fill_mask')
+  ids = _fill_mask_ids(config, data.get_tokenizer(config), text)  # before the slower restore
   exp, params, _ = restore(config, workdir, which)
   tok = exp.tokenizer
-  ids = [tok.cls_id] + tok.encode(text)[:config.max_len - 2] + [tok.sep_id]
-  if tok.mask_id not in ids:
-    raise ValueError(f'--text has no <mask> token: {text!r}')
   ids_BxL = jnp.asarray([ids], jnp.int32)
   top_ids, top_probs = decode.fill_mask(exp.model, params, ids_BxL, top_k=top_k)
   lines = []
@@ -152,6 +153,19 @@ def run_fill_mask(config, workdir: str, text: str, top_k: int = 5, which: str = 
     lines.append(f'position {position}: {guesses}')
   _write_lines(lines, None)
   return lines
+
+
+def _fill_mask_ids(config, tok, text: str) -> list[int]:
+  """cls + text + sep, as the masked LM read in training; ConfigError if that does not fit
+  max_len or holds no <mask> (cutting the text would drop masks without a word)."""
+  ids = [tok.cls_id] + tok.encode(text) + [tok.sep_id]
+  if len(ids) > config.max_len:
+    raise errors.ConfigError(f'--text is {len(ids) - 2} tokens long; the model reads at most '
+                             f'max_len - 2 = {config.max_len - 2} (cls and sep take two): '
+                             'shorten it.')
+  if tok.mask_id not in ids:
+    raise errors.ConfigError(f'--text has no <mask> token: {text!r}')
+  return ids
 
 
 def run_visualize(config, workdir: str, text: str | None, which: str = 'latest') -> list[str]:
@@ -174,17 +188,17 @@ def run_visualize(config, workdir: str, text: str | None, which: str = 'latest')
 
 def _attention_plots(exp, params, text: str | None, out_dir: str) -> list[str]:
   config, tok = exp.config, exp.tokenizer
+  variant = variants.get(config.variant)
   if text is None:
-    text = (data.load_text_pairs(config, 'validation')[0][0]
-            if config.variant in evaluate.TRANSLATION_VARIANTS
+    text = (data.load_text_pairs(config, 'validation')[0][0] if variant.translates
             else data.load_texts(config, 'validation')[0])
   pieces = lambda ids: [tok.decode([i]) or f'<{i}>' for i in ids]
   source = tok.encode(text)[:config.max_source_len]
-  if config.variant in evaluate.TRANSLATION_VARIANTS:
+  if variant.translates:
     output = np.asarray(decode.translate(exp.model, params, jnp.asarray([source], jnp.int32),
                                          max_len=config.decode_max_len))[0]
     target = [tok.bos_id] + [int(i) for i in output if i not in (0, tok.eos_id)]
-    if config.variant == 'original':
+    if variant.encoder_decoder:
       return visualize.write_attention_plots(
           out_dir, exp.model, params, jnp.asarray([source]), jnp.asarray([target]),
           source_labels=pieces(source), target_labels=pieces(target))
@@ -194,7 +208,7 @@ def _attention_plots(exp, params, text: str | None, out_dir: str) -> list[str]:
         out_dir, exp.model, params, jnp.asarray([sequence]), source_labels=pieces(sequence),
         prefix_len=jnp.asarray([len(source)]), token_types=jnp.asarray([types]))
   ids = tok.encode(text)[:config.max_len - 2]
-  if config.variant == 'bert_mlm':
+  if variant.fills_masks:  # a masked LM reads cls + text + sep, as in training
     ids = [tok.cls_id] + ids + [tok.sep_id]
   return visualize.write_attention_plots(out_dir, exp.model, params, jnp.asarray([ids]),
                                          source_labels=pieces(ids))

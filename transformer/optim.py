@@ -7,6 +7,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from transformer import errors
+
+SCHEDULES = ('rsqrt', 'cosine', 'constant')
+OPTIMIZERS = ('adamw', 'adafactor', 'lion')
+
 
 def rsqrt_schedule(d_model: int, warmup_steps: int, multiplier: float = 1.0):
   """The paper's rate: multiplier * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5).
@@ -30,17 +35,34 @@ def make_schedule(config):
         end_value=config.learning_rate * 0.1)
   if config.schedule == 'constant':
     return optax.linear_schedule(0.0, config.learning_rate, max(config.warmup_steps, 1))
-  raise ValueError(f'config.schedule must be rsqrt, cosine or constant, got {config.schedule!r}')
+  raise errors.ConfigError(f'config.schedule must be one of {", ".join(SCHEDULES)}, got '
+                           f'{config.schedule!r}')
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW (b1, b2, eps, decoupled weight decay) on the schedule."""
-  if config.optimizer != 'adamw':
-    raise ValueError(f'config.optimizer must be adamw, got {config.optimizer!r}')
+  """Global-norm clipping, then the config's optimizer on the schedule:
+
+    adamw      Adam (b1, b2, eps) with decoupled weight decay (the paper's Adam at decay 0)
+    adafactor  T5's: factored second moments (row and column means for matrices), updates
+               clipped at RMS 1 and scaled by each parameter's RMS; no first moment
+    lion       the sign of an interpolated momentum (b1, b2), decoupled weight decay; it wants
+               a learning rate about 3-10x smaller than Adam's
+  """
+  if config.optimizer not in OPTIMIZERS:
+    raise errors.ConfigError(f'config.optimizer must be one of {", ".join(OPTIMIZERS)}, got '
+                             f'{config.optimizer!r}')
   clip = (optax.clip_by_global_norm(config.grad_clip_norm) if config.grad_clip_norm > 0
           else optax.identity())
   # Decay matrices only: biases and LayerNorm parameters are left alone, as is customary.
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  return optax.chain(clip, optax.adamw(make_schedule(config), b1=config.b1, b2=config.b2,
-                                       eps=config.eps, weight_decay=config.weight_decay,
-                                       mask=decay_mask))
+  schedule = make_schedule(config)
+  if config.optimizer == 'adafactor':
+    update = optax.adafactor(schedule, weight_decay_rate=config.weight_decay or None,
+                             weight_decay_mask=decay_mask)
+  elif config.optimizer == 'lion':
+    update = optax.lion(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
+                        mask=decay_mask)
+  else:
+    update = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                         weight_decay=config.weight_decay, mask=decay_mask)
+  return optax.chain(clip, update)

@@ -11,25 +11,35 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from transformer import errors
+
 AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
 RULES = {'embed': 'fsdp', 'heads': 'tensor', 'mlp': 'tensor'}  # others ('vocab', None): replicated
 
 
-def make_mesh(config, devices=None) -> Mesh:
-  """A (data, fsdp, tensor) mesh; config.mesh_data = -1 takes the devices left by the others."""
-  devices = jax.devices() if devices is None else devices
+def mesh_shape(config, num_devices: int) -> dict[str, int]:
+  """{axis: size} of config's mesh over num_devices; config.mesh_data = -1 takes the devices
+  left by the others. ConfigError if the sizes do not fit num_devices."""
   sizes = [config.mesh_data, config.mesh_fsdp, config.mesh_tensor]
   fixed = int(np.prod([s for s in sizes if s != -1]))
-  if sizes.count(-1) > 1 or len(devices) % fixed:
-    raise ValueError(f'Mesh (data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]}) does not fit '
-                     f'{len(devices)} devices; set config.mesh_* so their product divides it '
-                     'and at most one is -1.')
-  sizes = [len(devices) // fixed if s == -1 else s for s in sizes]
-  if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f'Mesh {dict(zip(AXES, sizes))} uses {int(np.prod(sizes))} devices but '
-                     f'{len(devices)} are available.')
-  return jax.make_mesh(tuple(sizes), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+  if sizes.count(-1) > 1 or num_devices % fixed:
+    raise errors.ConfigError(
+        f'Mesh (data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]}) does not fit '
+        f'{num_devices} devices; set config.mesh_* so their product divides it and at most one '
+        'is -1.')
+  sizes = [num_devices // fixed if s == -1 else s for s in sizes]
+  if int(np.prod(sizes)) != num_devices:
+    raise errors.ConfigError(f'Mesh {dict(zip(AXES, sizes))} uses {int(np.prod(sizes))} devices '
+                             f'but {num_devices} are available.')
+  return dict(zip(AXES, sizes))
+
+
+def make_mesh(config, devices=None) -> Mesh:
+  """The (data, fsdp, tensor) mesh of mesh_shape(config) over `devices` (default: all)."""
+  devices = jax.devices() if devices is None else devices
+  sizes = tuple(mesh_shape(config, len(devices)).values())
+  return jax.make_mesh(sizes, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def logical_to_sharding(logical_spec, shape, mesh: Mesh) -> NamedSharding:

@@ -6,8 +6,6 @@ Data flows one way: config -> data -> model -> objective -> train step -> checkp
 """
 
 import functools
-import json
-import os
 import time
 from typing import Any
 
@@ -19,13 +17,14 @@ import numpy as np
 import optax
 from absl import logging
 
-from transformer import (checkpoint, data, distributed, evaluate, models, objectives, optim, perf,
-                         sharding)
+from transformer import (checkpoint, config_checks, data, distributed, errors, evaluate,
+                         objectives, optim, perf, sharding, variants)
+from transformer import workdir as workdir_lib
 from transformer.writer import MetricWriter, log_progress
 
 
-class NonFiniteLossError(FloatingPointError):
-  pass
+class NonFiniteLossError(errors.UserError, FloatingPointError):
+  """Training diverged under on_nonfinite='stop': the message says what to change."""
 
 
 @flax.struct.dataclass
@@ -150,13 +149,11 @@ class Experiment:
   """What a run is made of, built from its config: tokenizer, mesh, model, optimizer, eval data."""
 
   def __init__(self, config):
-    if config.batch_size % config.grad_accum_steps:
-      raise ValueError(f'config.batch_size={config.batch_size} is not divisible by '
-                       f'config.grad_accum_steps={config.grad_accum_steps}')
+    config_checks.check(config)
     self.config = config
     self.tokenizer = data.get_tokenizer(config)
     self.mesh = sharding.make_mesh(config)
-    self.model = models.build_model(config, self.tokenizer.vocab_size)
+    self.model = variants.build_model(config, self.tokenizer.vocab_size)
     self.optimizer = optim.make_optimizer(config)
     self.eval_batches = data.make_eval_batches(
         config, self.tokenizer, 'validation', process_index=jax.process_index(),
@@ -212,31 +209,40 @@ class _Throughput:
                 mfu=self.flops / elapsed / self.peak_flops)
 
 
-def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict]:
+def train_and_evaluate(config, workdir: str, *, force_unlock: bool = False,
+                       allow_config_change=()) -> tuple[TrainState, dict]:
   """Trains to config.num_train_steps updates (resuming from workdir), evaluating and saving.
 
-  Returns the final state and the last validation metrics.
+  The run holds the workdir's lock throughout (force_unlock: take it over) and resumes only with
+  the config of the workdir, up to workdir.FREE_FIELDS and the fields in allow_config_change.
+  SIGTERM or Ctrl-C: the step in progress finishes and is saved; Ctrl-C then raises
+  distributed.Interrupted. Returns the final state and the last validation metrics.
   """
-  if config.on_nonfinite not in ('stop', 'skip'):
-    raise ValueError(f'config.on_nonfinite must be stop or skip, got {config.on_nonfinite!r}')
-  exp = Experiment(config)
-  train_iter = data.make_train_iterator(config, exp.tokenizer, process_index=jax.process_index(),
-                                        process_count=jax.process_count())
-  abstract, shardings = exp.abstract_state()
-  ckpt = checkpoint.Checkpointer(workdir, config, exp.tokenizer.vocab_size)
-  state, start_step = ckpt.restore(abstract, train_iter)  # refuses a differently shaped model
-  if state is None:
-    state = create_state(exp.model, exp.optimizer, config, exp.eval_batches[0], shardings)
-  else:
-    logging.info('Resumed from %s at step %d.', ckpt.directory, start_step)
-  writer = MetricWriter(workdir)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-      json.dump(config.to_dict(), f, indent=2)
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info('%s:%s, %s parameters, mesh %s', config.variant, config.size,
-               f'{num_params:,}', dict(exp.mesh.shape))
+  with workdir_lib.Lock(workdir, force=force_unlock):
+    changes = workdir_lib.config_changes(workdir, config, allow_config_change)
+    logging.info('config:\n%s', config)
+    exp = Experiment(config)
+    train_iter = data.make_train_iterator(config, exp.tokenizer,
+                                          process_index=jax.process_index(),
+                                          process_count=jax.process_count())
+    abstract, shardings = exp.abstract_state()
+    with checkpoint.Checkpointer(workdir, config, exp.tokenizer.vocab_size) as ckpt, \
+        MetricWriter(workdir) as writer:
+      state, start_step = ckpt.restore(abstract, train_iter)  # refuses another model shape
+      if state is None:
+        state = create_state(exp.model, exp.optimizer, config, exp.eval_batches[0], shardings)
+      else:
+        logging.info('Resumed from %s at step %d.', ckpt.directory, start_step)
+      workdir_lib.record_config(workdir, config, changes, start_step, writer)
+      num_params = sum(x.size for x in jax.tree.leaves(state.params))
+      logging.info('%s:%s, %s parameters, mesh %s', config.variant, config.size,
+                   f'{num_params:,}', dict(exp.mesh.shape))
+      return _train_loop(exp, state, start_step, train_iter, shardings, ckpt, writer)
 
+
+def _train_loop(exp, state, start_step, train_iter, shardings, ckpt, writer):
+  """Steps from start_step to config.num_train_steps, or to a signal; (state, last validation)."""
+  config = exp.config
   step_fn = jit_train_step(exp.model, exp.optimizer, config, exp.mesh, shardings)
   eval_fn = jit_eval_step(exp.model, config, exp.mesh, shardings.params)
   throughput = _Throughput(config, exp.tokenizer.vocab_size)
@@ -274,16 +280,18 @@ def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict]:
         last_eval = eval_metrics
       stop = not is_last and preempted.reached(done)
       if stop:
-        logging.warning('Preempted (SIGTERM): saving step %d and exiting; rerun to resume.', done)
+        signal_name = preempted.received or 'SIGTERM'  # None: the coordinator told this process
+        logging.warning('%s (%s): saving step %d to %s/%d and exiting; rerun to resume.',
+                        'Interrupted' if signal_name == 'SIGINT' else 'Preempted', signal_name,
+                        done, ckpt.directory, done)
       if done % config.checkpoint_every_steps == 0 or is_last or eval_metrics or stop:
         _check_finite(state, config)  # never save after a non-finite step under 'stop'
         ckpt.save(done, state, train_iter, metrics=_numeric(eval_metrics))
         throughput.reset()  # evaluation and saving are not training time
       if stop:
+        if preempted.received == 'SIGINT':
+          raise distributed.Interrupted(f'saved step {done}')  # after the save, as for SIGTERM
         break
-  ckpt.wait()
-  ckpt.close()
-  writer.close()
   return state, last_eval
 
 

@@ -1,6 +1,7 @@
 """Run logs: WORKDIR/metrics.jsonl, TensorBoard event files (tensorboardX, no TensorFlow), console.
 
-Only process 0 writes; other processes get a writer that does nothing.
+Only process 0 writes; other processes get a writer that does nothing. Files go through
+etils.epath (and tensorboardX's own gs:// support), so a gs:// workdir works like a local one.
 """
 
 import json
@@ -10,7 +11,24 @@ import time
 
 import jax
 from absl import logging
+from etils import epath
 from tensorboardX import SummaryWriter
+
+
+def is_remote(path) -> bool:
+  """Whether path is a URL (gs://, s3://): an object store, which cannot append or create
+  exclusively."""
+  return '://' in os.fspath(path)
+
+
+def append_line(path: epath.Path, line: str):
+  """Appends a line to a text file; on an object store the file is read and written again (fine
+  for the small files of a run: metrics, config history)."""
+  if is_remote(path):
+    path.write_text((path.read_text() if path.exists() else '') + line + '\n')
+    return
+  with path.open('a') as f:
+    f.write(line + '\n')
 
 
 class MetricWriter:
@@ -19,24 +37,29 @@ class MetricWriter:
   def __init__(self, workdir: str):
     self.enabled = jax.process_index() == 0
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      workdir = epath.Path(os.fspath(workdir))
+      workdir.mkdir(parents=True, exist_ok=True)
+      self._jsonl = workdir / 'metrics.jsonl'
+      self._tb = SummaryWriter(os.fspath(workdir / 'tensorboard'))
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
       return
     record = {'step': int(step), 'time': round(time.time(), 3), **metrics}
-    self._jsonl.write(json.dumps(record) + '\n')
-    self._jsonl.flush()
+    append_line(self._jsonl, json.dumps(record))
     for name, value in metrics.items():
       if isinstance(value, (int, float)):
         self._tb.add_scalar(name, value, step)
     self._tb.flush()
 
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()
+
   def close(self):
     if self.enabled:
-      self._jsonl.close()
       self._tb.close()
 
 

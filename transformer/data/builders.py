@@ -20,6 +20,8 @@ import urllib.request
 from absl import logging
 import tensorflow_datasets as tfds
 
+from transformer import errors
+
 MULTI30K_URL = 'https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/{}.gz'
 MULTI30K_SPLIT_FILES = {'train': 'train', 'validation': 'val', 'test': 'test_2016_flickr'}
 MULTI30K_LANGS = ('de', 'en')
@@ -47,13 +49,13 @@ def read_text(path: str) -> str:
   with open(path, 'rb') as f:
     data = f.read()
   if not data.strip():
-    raise ValueError(f'{path}: the file is empty.')
+    raise errors.ConfigError(f'{path}: the file is empty.')
   try:
     return data.decode('utf-8')
   except UnicodeDecodeError as e:
     line = data.count(b'\n', 0, e.start) + 1
-    raise ValueError(f'{path}, line {line}: invalid UTF-8 ({e.reason}, byte {data[e.start]:#04x}).'
-                     ) from None
+    raise errors.ConfigError(f'{path}, line {line}: invalid UTF-8 ({e.reason}, byte '
+                             f'{data[e.start]:#04x}).') from None
 
 
 def read_lines(path: str) -> list[str]:
@@ -78,9 +80,9 @@ def read_parallel(source_path: str, target_path: str) -> list[tuple[str, str]]:
   """Aligned (source, target) line pairs; a pair with an empty side is skipped and counted."""
   sources, targets = read_lines(source_path), read_lines(target_path)
   if len(sources) != len(targets):
-    raise ValueError(f'Parallel files differ in line count: {source_path} has {len(sources)} '
-                     f'lines, {target_path} has {len(targets)}; line i of one must translate line '
-                     'i of the other.')
+    raise errors.ConfigError(f'Parallel files differ in line count: {source_path} has '
+                             f'{len(sources)} lines, {target_path} has {len(targets)}; line i of '
+                             'one must translate line i of the other.')
   pairs = [(s, t) for s, t in zip(sources, targets) if s and t]
   if len(pairs) < len(sources):
     logging.warning('%s / %s: skipped %d of %d line pairs with an empty side.', source_path,
@@ -124,7 +126,7 @@ def locate_raw_files(dataset: str, folder: str, raw_data_dir: str | None, urls: 
     return paths
   except Exception as e:  # pylint: disable=broad-except
     where = '; '.join(looked) if looked else 'nowhere locally (config.raw_data_dir is unset)'
-    raise FileNotFoundError(
+    raise errors.MissingError(
         f'{dataset}: raw files {", ".join(urls)} not found. Looked in: {where}. Download from '
         f'the public source ({next(iter(urls.values()))}, ...) failed ({type(e).__name__}: '
         f'{e}). Put the files in a directory DIR (as DIR/{folder}/<file> or DIR/<file>) and run '
@@ -227,26 +229,26 @@ def parse_text_files(spec: str | None) -> tuple:
   for item in spec.split(','):
     paths = tuple(os.path.abspath(os.path.expanduser(p.strip())) for p in item.split(':'))
     if len(paths) > 2:
-      raise ValueError(f'{item!r}: give one file, or source:target for parallel data.')
+      raise errors.ConfigError(f'{item!r}: give one file, or source:target for parallel data.')
     for path in paths:
       if not os.path.isfile(path):
-        raise FileNotFoundError(f'{path}: no such file (from config.text_train_files / '
-                                'text_eval_files).')
+        raise errors.MissingError(f'{path}: no such file (from config.text_train_files / '
+                                  'text_eval_files).')
     entries.append(paths if len(paths) == 2 else paths[0])
   if len({isinstance(e, tuple) for e in entries}) > 1:
-    raise ValueError(f'{spec!r}: mixes monolingual files and source:target pairs.')
+    raise errors.ConfigError(f'{spec!r}: mixes monolingual files and source:target pairs.')
   return tuple(entries)
 
 
 def _text_lines_config(config) -> TextLinesConfig:
   train_files = parse_text_files(config.text_train_files)
   if not train_files:
-    raise ValueError('dataset=text needs --config.text_train_files (comma-separated files; '
-                     'source:target pairs for parallel data).')
+    raise errors.ConfigError('dataset=text needs --config.text_train_files (comma-separated '
+                             'files; source:target pairs for parallel data).')
   eval_files = parse_text_files(config.text_eval_files)
   if eval_files and isinstance(eval_files[0], tuple) != isinstance(train_files[0], tuple):
-    raise ValueError('text_train_files and text_eval_files must both be monolingual or both '
-                     'parallel.')
+    raise errors.ConfigError('text_train_files and text_eval_files must both be monolingual or '
+                             'both parallel.')
   # The prepared data is cached under a name that changes when any file (or its content) does.
   key = hashlib.sha256(repr((train_files, eval_files)).encode())
   for entry in train_files + eval_files:
@@ -266,7 +268,8 @@ def get_builder(config) -> _RawBuilder:
     return TinyShakespeare(**kwargs)
   if config.dataset == 'text':
     return TextLines(config=_text_lines_config(config), **kwargs)
-  raise ValueError(f'Unknown dataset {config.dataset!r}: multi30k | tiny_shakespeare | text.')
+  raise errors.ConfigError(f'Unknown dataset {config.dataset!r}: multi30k | tiny_shakespeare | '
+                           'text.')
 
 
 def prepare(config) -> _RawBuilder:
@@ -283,10 +286,10 @@ def load_split(config, split: str) -> list[dict[str, str]]:
   """All examples of a prepared split, in file order, as {feature: str} dicts (cached in memory)."""
   builder = prepare(config)
   if split not in builder.info.splits:
-    raise ValueError(f'{config.dataset} has no {split!r} split; it has '
-                     f'{", ".join(builder.info.splits)}' +
-                     (' (set --config.text_eval_files for validation).'
-                      if config.dataset == 'text' else '.'))
+    raise errors.ConfigError(f'{config.dataset} has no {split!r} split; it has '
+                             f'{", ".join(builder.info.splits)}' +
+                             (' (set --config.text_eval_files for validation).'
+                              if config.dataset == 'text' else '.'))
   key = (os.fspath(builder.data_path), split)
   if key not in _split_cache:  # Decoding the records costs about 1 s per 30k examples.
     source = builder.as_data_source(split)  # = tfds.data_source: an ArrayRecordDataSource.

@@ -19,6 +19,7 @@ from absl import logging
 import grain
 import numpy as np
 
+from transformer import errors, variants
 from transformer.data import builders
 from transformer.data.tokenizer import (BOS_ID, CLS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, SEP_ID,
                                         Tokenizer)
@@ -35,13 +36,14 @@ def _translation_fields(config) -> tuple[str, str]:
     langs = builders.MULTI30K_LANGS
     if config.source_lang not in langs or config.target_lang not in langs or (
         config.source_lang == config.target_lang):
-      raise ValueError(f'multi30k translates between {" and ".join(langs)}; got source_lang='
-                       f'{config.source_lang!r}, target_lang={config.target_lang!r}.')
+      raise errors.ConfigError(f'multi30k translates between {" and ".join(langs)}; got '
+                               f'source_lang={config.source_lang!r}, '
+                               f'target_lang={config.target_lang!r}.')
     return config.source_lang, config.target_lang
   if config.dataset == 'text' and builders.get_builder(config).builder_config.parallel:
     return 'source', 'target'
-  raise ValueError(f'{config.variant} needs parallel data (multi30k, or dataset=text with '
-                   f'source:target file pairs); {config.dataset} is monolingual.')
+  raise errors.ConfigError(f'{config.variant} needs parallel data (multi30k, or dataset=text with '
+                           f'source:target file pairs); {config.dataset} is monolingual.')
 
 
 def load_text_pairs(config, split: str) -> list[tuple[str, str]]:
@@ -57,7 +59,7 @@ def load_texts(config, split: str) -> list[str]:
   if config.lm_sides:
     requested = [s.strip() for s in config.lm_sides.split(',')]
     if not set(requested) <= set(sides):
-      raise ValueError(f'lm_sides={config.lm_sides!r}: {config.dataset} has sides {sides}.')
+      raise errors.ConfigError(f'lm_sides={config.lm_sides!r}: {config.dataset} has sides {sides}.')
     sides = requested
   return [e[side] for side in sides for e in examples]
 
@@ -78,7 +80,8 @@ def _fit(examples: list[Example], max_lens: tuple[int, ...], train: bool, what: 
   logging.info('%s: %s %d of %d examples longer than %s tokens.', what,
                'dropped' if train else 'truncated', too_long, total, max_lens)
   if not examples:
-    raise ValueError(f'{what}: no examples left (all {too_long} longer than {max_lens} tokens).')
+    raise errors.ConfigError(f'{what}: no examples left (all {too_long} longer than {max_lens} '
+                             'tokens).')
   return examples
 
 
@@ -161,8 +164,8 @@ def causal_lm(config, tokenizer: Tokenizer) -> Objective:
     if train:
       windows = [w for w in windows if len(w) == size + 1]
     if not windows:
-      raise ValueError(f'{config.dataset} {split}: {len(stream)} tokens, fewer than block_size+1 '
-                       f'= {size + 1}.')
+      raise errors.ConfigError(f'{config.dataset} {split}: {len(stream)} tokens, fewer than '
+                               f'block_size+1 = {size + 1}.')
     return windows
 
   def features(window, rng=None):
@@ -222,18 +225,24 @@ def masked_lm(config, tokenizer: Tokenizer) -> Objective:
                    packed={'inputs': ''}, random=True)
 
 
-OBJECTIVES = {'original': translation, 'unilm_prefix': prefix_lm, 'gpt_causal': causal_lm,
-              'bert_mlm': masked_lm}
+# variants.Variant.data -> the objective that makes its batches.
+OBJECTIVES = {'translation': translation, 'prefix_lm': prefix_lm, 'causal_lm': causal_lm,
+              'masked_lm': masked_lm}
 
 
 def get_objective(config, tokenizer: Tokenizer) -> Objective:
-  if config.variant not in OBJECTIVES:
-    raise ValueError(f'Unknown variant {config.variant!r}: {", ".join(OBJECTIVES)}.')
-  objective = OBJECTIVES[config.variant](config, tokenizer)
+  objective = OBJECTIVES[variants.get(config.variant).data](config, tokenizer)
   if config.packing and not objective.packed:
-    packable = ', '.join(v for v in OBJECTIVES if OBJECTIVES[v](config, tokenizer).packed)
-    raise ValueError(f'config.packing applies to {packable}, not {config.variant}.')
+    packable = ', '.join(name for name, v in variants.VARIANTS.items()
+                         if OBJECTIVES[v.data](config, tokenizer).packed)
+    raise errors.ConfigError(f'config.packing applies to {packable}, not {config.variant}.')
   return objective
+
+
+def sequence_lengths(config) -> dict[str, int]:
+  """The padded length of each sequence feature of config's batches, from the config alone (an
+  objective reads its tokenizer only once it makes examples)."""
+  return dict(OBJECTIVES[variants.get(config.variant).data](config, None).lengths)
 
 
 # --- Shared batching -----------------------------------------------------------------------------
@@ -268,7 +277,8 @@ def _rename_packed(batch: Features, packed: dict[str, str]) -> Features:
 
 def _per_process(global_size: int, process_count: int, name: str) -> int:
   if global_size % process_count:
-    raise ValueError(f'{name}={global_size} is not divisible by process_count={process_count}.')
+    raise errors.ConfigError(f'{name}={global_size} is not divisible by '
+                             f'process_count={process_count}.')
   return global_size // process_count
 
 

@@ -13,6 +13,7 @@ import os
 from absl import logging
 import sentencepiece as spm
 
+from transformer import errors
 from transformer.data import builders
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID, CLS_ID, SEP_ID = range(7)
@@ -21,6 +22,7 @@ NUM_SPECIAL = 7  # Ids below this are special; real tokens start here.
 # text of tiny_shakespeare keep its line breaks.
 SPM_USER_SYMBOLS = ('<mask>', '<cls>', '<sep>', '\n')
 SPM_MAX_SENTENCES = 2_000_000  # Larger corpora are subsampled for training the vocabulary.
+TOKENIZERS = ('sentencepiece', 'char', 'huggingface')  # config.tokenizer
 
 
 class Tokenizer:
@@ -118,8 +120,8 @@ class HuggingFaceTokenizer(Tokenizer):
     from transformer.interop import vocab  # pylint: disable=import-outside-toplevel
     path = os.path.join(directory, 'tokenizer.json')
     if not os.path.exists(path):
-      raise FileNotFoundError(f'{path} is missing: config.hf_tokenizer_dir must be the '
-                              'hf_tokenizer folder that launch.convert wrote.')
+      raise errors.MissingError(f'{path} is missing: config.hf_tokenizer_dir must be the '
+                                'hf_tokenizer folder that launch.convert wrote.')
     self._tok = tokenizers.Tokenizer.from_file(path)
     self.vocab_map = vocab.VocabMap.load(os.path.join(directory, 'vocab_map.json'))
     self._hf_to_ours = self.vocab_map.hf_to_ours
@@ -147,8 +149,8 @@ def tokenizer_path(config, builder) -> str:
   elif config.tokenizer == 'sentencepiece':
     name = f'spm_{config.spm_model_type}_{config.vocab_size}.model'
   else:
-    raise ValueError(f'Unknown tokenizer {config.tokenizer!r}: sentencepiece | char | '
-                     'huggingface.')
+    raise errors.ConfigError(f'Unknown tokenizer {config.tokenizer!r}: '
+                             f'{" | ".join(TOKENIZERS)}.')
   return os.path.join(os.fspath(builder.data_path), name)
 
 

@@ -1,0 +1,94 @@
+"""Checks of a run's config that fail fast, before anything costly or lasting happens.
+
+Without them a wrong value surfaces late and obscurely: a batch that does not split over the
+devices fails inside XLA after the data is prepared and the workdir created; a misspelled choice
+fails when the model is first built. Each check names the field and what would work.
+
+launch/main.py runs `check` (the config alone) before JAX touches a device, and `check_mesh` (which
+needs the device count) right after distributed.initialize, before the workdir is touched.
+train.Experiment runs `check` too, for callers of the library.
+"""
+
+import math
+
+import jax
+
+from transformer import errors, optim, positions, sharding, variants
+from transformer.data import pipelines, tokenizer
+from transformer.layers import ACTIVATIONS
+
+ON_NONFINITE = ('stop', 'skip')  # what train._check_finite does with a non-finite step
+# Modes that only some variants can do: the Variant attribute that says so.
+MODE_ABILITY = {'translate': 'translates', 'generate': 'generates', 'fill_mask': 'fills_masks'}
+# The batches each mode splits over the data-parallel devices.
+SHARDED_BATCHES = {'train': ('batch_size', 'eval_batch_size'), 'eval': ('eval_batch_size',)}
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+  """Config fields with a fixed set of values (variants at call time: extensions register more)."""
+  return dict(variant=tuple(variants.VARIANTS), schedule=optim.SCHEDULES,
+              optimizer=optim.OPTIMIZERS, on_nonfinite=ON_NONFINITE, positional=positions.KINDS,
+              sinusoidal_layout=positions.SINUSOIDAL_LAYOUTS, activation=tuple(ACTIVATIONS),
+              tokenizer=tokenizer.TOKENIZERS)
+
+
+def _problems(config) -> list[str]:
+  problems = [f'config.{field}={config[field]!r} is not one of {", ".join(choices)}.'
+              for field, choices in _choices().items() if config[field] not in choices]
+  if config.d_model % config.num_heads:
+    problems.append(f'config.d_model={config.d_model} is not divisible by '
+                    f'config.num_heads={config.num_heads}.')
+  if config.batch_size % config.grad_accum_steps:
+    problems.append(f'config.batch_size={config.batch_size} is not divisible by '
+                    f'config.grad_accum_steps={config.grad_accum_steps}.')
+  if config.positional == 'learned' and config.variant in variants.VARIANTS:
+    too_long = {k: n for k, n in pipelines.sequence_lengths(config).items() if n > config.max_len}
+    if too_long:
+      problems.append(f'Sequences of {_lengths(too_long)} tokens exceed the learned positions '
+                      f'of config.max_len={config.max_len}; raise max_len or shorten them.')
+  return problems
+
+
+def _lengths(lengths: dict[str, int]) -> str:
+  return ', '.join(f'{n} ({feature})' for feature, n in lengths.items())
+
+
+def check(config, mode: str = 'train'):
+  """ConfigError naming each field of config that cannot work, or a mode its variant lacks."""
+  problems = _problems(config)
+  if problems:
+    raise errors.ConfigError(' '.join(problems))
+  check_mode(config, mode)
+
+
+def check_mode(config, mode: str):
+  """ConfigError unless config.variant can do `mode` (translate, generate, fill_mask)."""
+  ability = MODE_ABILITY.get(mode)
+  if ability and not getattr(variants.get(config.variant), ability):
+    raise errors.ConfigError(f'--mode={mode} needs a variant that {ability.replace("_", " ")} '
+                             f'({", ".join(variants.able(ability))}), not {config.variant}.')
+
+
+def check_mesh(config, mode: str = 'train'):
+  """ConfigError if the mesh does not fit the devices, or a batch of `mode` does not split evenly
+  over the data-parallel devices (mesh data x fsdp) and the processes. Needs the devices: call
+  after distributed.initialize."""
+  shape = sharding.mesh_shape(config, jax.device_count())
+  parallel = math.prod(shape[axis] for axis in sharding.BATCH_AXES)
+  split = math.lcm(parallel, jax.process_count())
+  uneven = [name for name in SHARDED_BATCHES.get(mode, ()) if config[name] % split]
+  if uneven:
+    sizes = ' and '.join(f'config.{name}={config[name]}' for name in uneven)
+    processes = f' and {jax.process_count()} processes' if jax.process_count() > 1 else ''
+    raise errors.ConfigError(
+        f'{sizes} must be a multiple of {split}: batches are split over {parallel} data-parallel '
+        f'devices (mesh data={shape["data"]} x fsdp={shape["fsdp"]} of {jax.device_count()} '
+        f'devices){processes}.')
+
+
+def check_fields(config, names, flag: str):
+  """ConfigError unless every name is a field of config (for flags that list fields: a misspelled
+  one would silently match nothing)."""
+  unknown = [name for name in names if name not in config]
+  if unknown:
+    raise errors.ConfigError(f'{flag}: {", ".join(unknown)} is not a config field.')
