@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from transformer import decode, objectives, variants
+from transformer import decode, objectives, perf, variants
 
 config_flags.DEFINE_config_file('config', None, 'A configs/gpt_causal.py:SIZE file.',
                                 lock_config=False)
@@ -79,9 +79,11 @@ def main(argv):
   counts = ([int(k) for k in f.kv_heads] if f.kv_heads else
             sorted({heads // 2 ** i for i in range(heads.bit_length()) if heads % 2 ** i == 0},
                    reverse=True))
+  peak = perf.measure_matmul_peak()
   print(f'{config.variant}:{config.size} d_model={config.d_model} heads={heads} '
-        f'layers={config.num_layers} on {jax.devices()[0].device_kind}: batch {f.batch}, '
-        f'context {f.context}, {f.new_tokens} new tokens')
+        f'layers={config.num_layers} on {jax.devices()[0].device_kind} (float32 matmul peak '
+        f'{peak / 1e9:.0f} GFLOP/s): batch {f.batch}, context {f.context}, {f.new_tokens} new '
+        'tokens')
   print('| key/value heads | cache MiB | prefill s | generated tokens/s |')
   print('|---|---|---|---|')
   rows = []
@@ -90,7 +92,8 @@ def main(argv):
     rows.append(row)
     print(f'| {kv_heads} | {row["cache_mib"]:.1f} | {row["prefill_s"]:.2f} | '
           f'{row["decode_tokens_per_s"]:.0f} |', flush=True)
-  print(json.dumps(dict(config=f'{config.variant}:{config.size}', context=f.context,
+  print(json.dumps(dict(config=f'{config.variant}:{config.size}', peak_flops=peak,
+                        context=f.context,
                         new_tokens=f.new_tokens, batch=f.batch,
                         device=jax.devices()[0].device_kind, rows=rows)))
 
