@@ -86,12 +86,16 @@ def resumable(trained, tmp_path) -> str:
      'Sequences of 49 (inputs), 49 (targets)'),  # max_source_len + max_target_len + 1
     (dict(variant='gpt_causal', positional='learned', block_size=65), 'Sequences of 65 (inputs)'),
     (dict(schedule='cosin'), "config.schedule='cosin' is not one of rsqrt, cosine, constant"),
-    (dict(optimizer='sgd'), "config.optimizer='sgd' is not one of adamw"),
+    (dict(optimizer='sgd'), "config.optimizer='sgd' is not one of adamw, adafactor, lion"),
     (dict(on_nonfinite='ignore'), "config.on_nonfinite='ignore' is not one of stop, skip"),
     (dict(positional='rope'), "config.positional='rope' is not one of sinusoidal"),
     (dict(activation='gelu2'), "config.activation='gelu2' is not one of relu"),
     (dict(tokenizer='bpe'), "config.tokenizer='bpe' is not one of sentencepiece"),
     (dict(variant='gpt'), "config.variant='gpt' is not one of original"),
+    (dict(norm='batchnorm'), "config.norm='batchnorm' is not one of layernorm, rmsnorm"),
+    (dict(ffn='moe'), "config.ffn='moe' is not one of dense, gated"),
+    (dict(num_heads=4, num_kv_heads=3), 'config.num_heads=4 is not divisible by '
+                                        'config.num_kv_heads=3'),
 ], ids=lambda x: ','.join(x) if isinstance(x, dict) else None)
 def test_config_mistakes_are_named_without_devices(overrides, expected):
   with pytest.raises(errors.ConfigError, match=re.escape(expected)):

@@ -13,9 +13,9 @@ import math
 
 import jax
 
-from transformer import errors, optim, positions, sharding, variants
+from transformer import errors, norms, optim, positions, sharding, variants
 from transformer.data import pipelines, tokenizer
-from transformer.layers import ACTIVATIONS
+from transformer.layers import ACTIVATIONS, FFN_KINDS
 
 ON_NONFINITE = ('stop', 'skip')  # what train._check_finite does with a non-finite step
 # Modes that only some variants can do: the Variant attribute that says so.
@@ -29,7 +29,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
   return dict(variant=tuple(variants.VARIANTS), schedule=optim.SCHEDULES,
               optimizer=optim.OPTIMIZERS, on_nonfinite=ON_NONFINITE, positional=positions.KINDS,
               sinusoidal_layout=positions.SINUSOIDAL_LAYOUTS, activation=tuple(ACTIVATIONS),
-              tokenizer=tokenizer.TOKENIZERS)
+              tokenizer=tokenizer.TOKENIZERS, norm=norms.KINDS, ffn=FFN_KINDS)
 
 
 def _problems(config) -> list[str]:
@@ -38,6 +38,10 @@ def _problems(config) -> list[str]:
   if config.d_model % config.num_heads:
     problems.append(f'config.d_model={config.d_model} is not divisible by '
                     f'config.num_heads={config.num_heads}.')
+  if config.num_kv_heads and config.num_heads % config.num_kv_heads:
+    problems.append(f'config.num_heads={config.num_heads} is not divisible by '
+                    f'config.num_kv_heads={config.num_kv_heads} (each key/value head serves a '
+                    'group of query heads).')
   if config.batch_size % config.grad_accum_steps:
     problems.append(f'config.batch_size={config.batch_size} is not divisible by '
                     f'config.grad_accum_steps={config.grad_accum_steps}.')
