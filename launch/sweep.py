@@ -11,7 +11,8 @@ for every run, grid={field: [values]} (cartesian product) or runs=[(name, {field
 seeds=[ints] (default [0])); --set and --seeds add to / replace its overrides and seeds.
 --mode=run trains the runs one after another, each in WORKDIR/NAME by a `launch.main` subprocess
 (log in WORKDIR/NAME/sweep.log), skipping runs that finished and resuming the others, then reports:
-WORKDIR/results.md (groups of seeds, mean ± sample std of the final validation metrics),
+WORKDIR/results.md (groups of seeds, mean ± sample std of the final validation metrics, the
+median train step time and the decoding cache's bytes per token),
 WORKDIR/results.csv (one row per run) and WORKDIR/curves.png (validation curves).
 """
 
@@ -36,6 +37,7 @@ TABLE_METRICS = ('eval_loss', 'eval_ppl', 'eval_accuracy', 'eval_bleu', 'eval_bl
 BEST = dict(eval_loss=min, eval_nll=min, eval_ppl=min, eval_accuracy=max, eval_bleu=max,
             eval_bleu_lc=max, eval_chrf=max)
 PLOT_METRICS = ('eval_loss', 'eval_bleu')
+COST_HEADERS = dict(step_ms='step (ms)', cache_bytes_per_token='cache bytes / token')
 
 
 @dataclasses.dataclass
@@ -202,14 +204,11 @@ def run_all(sweep: Sweep, sweep_workdir: str, runner=run_logged) -> list[str]:
   return failed
 
 
-def read_metrics(workdir: str) -> tuple[list[dict], int | None]:
-  """metrics.jsonl's validation records by step and its last step (None: no metrics yet).
-
-  A resumed run logs the steps after its last checkpoint again: the later record wins.
-  """
+def _records(workdir: str) -> list[dict] | None:
+  """metrics.jsonl's records (None: no metrics yet)."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
-    return [], None
+    return None
   records = []
   with open(path, encoding='utf-8') as f:
     for line in f:
@@ -217,8 +216,35 @@ def read_metrics(workdir: str) -> tuple[list[dict], int | None]:
         records.append(json.loads(line))
       except json.JSONDecodeError:
         pass  # A line cut short by a killed run.
+  return records
+
+
+def read_metrics(workdir: str) -> tuple[list[dict], int | None]:
+  """metrics.jsonl's validation records by step and its last step (None: no metrics yet).
+
+  A resumed run logs the steps after its last checkpoint again: the later record wins.
+  """
+  records = _records(workdir)
+  if records is None:
+    return [], None
   by_step = {r['step']: r for r in records if 'eval_loss' in r}
   return [by_step[s] for s in sorted(by_step)], max((r['step'] for r in records), default=None)
+
+
+def run_costs(workdir: str) -> dict:
+  """The median logged train step time (ms) and the key/value cache's bytes per decoded token
+  (float32, every layer of the stack that decodes) of a run, from what it wrote."""
+  costs = {}
+  step_ms = [r['step_ms'] for r in _records(workdir) or [] if 'step_ms' in r]
+  if step_ms:
+    costs['step_ms'] = round(statistics.median(step_ms), 2)
+  config = read_json(os.path.join(workdir, 'config.json'))
+  if config:
+    layers = config['num_decoder_layers' if config['variant'] == 'original' else 'num_layers']
+    kv_heads = config.get('num_kv_heads') or config['num_heads']
+    costs['cache_bytes_per_token'] = 2 * layers * kv_heads * (
+        config['d_model'] // config['num_heads']) * 4
+  return costs
 
 
 def summarize_run(run: Run, evals: list[dict], steps: int | None, record: dict) -> dict:
@@ -245,8 +271,10 @@ def mean_std(values: list) -> str:
 def group_table(rows: list[dict]) -> list[list[str]]:
   """Header + one row per group: status, seeds with results, steps, wall time, final metrics."""
   metrics = [m for m in TABLE_METRICS if any(f'final_{m}' in r for r in rows)]
-  columns = ['steps', 'wall_min'] + [f'final_{m}' for m in metrics]
-  table = [['run', 'status', 'seeds', 'steps', 'wall (min)'] + metrics]
+  costs = [c for c in ('step_ms', 'cache_bytes_per_token') if any(c in r for r in rows)]
+  columns = ['steps', 'wall_min'] + [f'final_{m}' for m in metrics] + costs
+  table = [['run', 'status', 'seeds', 'steps', 'wall (min)'] + metrics
+           + [COST_HEADERS[c] for c in costs]]
   for group in dict.fromkeys(r['group'] for r in rows):
     members = [r for r in rows if r['group'] == group]
     status = ', '.join(sorted({r['status'] for r in members}))
@@ -278,7 +306,7 @@ def report(sweep: Sweep, sweep_workdir: str, produced_by: str) -> str:
     workdir = os.path.join(sweep_workdir, run.name)
     curves[run.name], steps = read_metrics(workdir)
     record = read_json(os.path.join(workdir, RECORD))
-    rows.append(summarize_run(run, curves[run.name], steps, record))
+    rows.append(dict(summarize_run(run, curves[run.name], steps, record), **run_costs(workdir)))
   os.makedirs(sweep_workdir, exist_ok=True)
   columns = list(dict.fromkeys(k for r in rows for k in r))
   with open(os.path.join(sweep_workdir, 'results.csv'), 'w', encoding='utf-8', newline='') as f:

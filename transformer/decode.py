@@ -35,9 +35,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from transformer import models
+from transformer.special_ids import BOS_ID, EOS_ID, MASK_ID, PAD_ID
 
 Array = jnp.ndarray
-PAD_ID, BOS_ID, EOS_ID, MASK_ID = 0, 2, 3, 4
 
 
 def init_cache(model, batch_size: int, cache_len: int, *, encoded_BxSxD=None, inputs_BxS=None,

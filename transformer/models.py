@@ -18,9 +18,10 @@ import jax.numpy as jnp
 from transformer import masks, norms
 from transformer.attention import DecodeCursor, dense
 from transformer.layers import Embedder, ModelConfig, Stack, activation_fn, norm
+from transformer.special_ids import PAD_ID
 
 Array = jnp.ndarray
-PAD_ID = 0
+
 
 def default_positions(ids_BxL: Array) -> Array:
   return jnp.broadcast_to(jnp.arange(ids_BxL.shape[1]), ids_BxL.shape)

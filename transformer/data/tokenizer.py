@@ -15,9 +15,10 @@ import sentencepiece as spm
 
 from transformer import errors
 from transformer.data import builders
+# Re-exported for the pipelines; defined once in transformer/special_ids.py.
+from transformer.special_ids import (BOS_ID, CLS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID,
+                                     SEP_ID, UNK_ID)
 
-PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID, CLS_ID, SEP_ID = range(7)
-NUM_SPECIAL = 7  # Ids below this are special; real tokens start here.
 # mask/cls/sep are sentencepiece user-defined symbols (ids 4-6); '\n' (id 7) lets the running
 # text of tiny_shakespeare keep its line breaks.
 SPM_USER_SYMBOLS = ('<mask>', '<cls>', '<sep>', '\n')

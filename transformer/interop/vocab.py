@@ -21,8 +21,8 @@ import os
 
 import numpy as np
 
-# Our special ids, in id order (transformer/data/tokenizer.py).
-SPECIALS = ('pad', 'unk', 'bos', 'eos', 'mask', 'cls', 'sep')
+from transformer.special_ids import NAMES as SPECIALS  # our special ids, in id order
+
 # Which name keeps a token's logit when two specials share one Hugging Face token: eos before bos
 # (GPT-2's <|endoftext|> must be predicted as eos, so that decoding stops), pad before bos
 # (Marian's decoder starts from its pad token).
