@@ -20,7 +20,8 @@ import pytest
 from etils.epath import testing as epath_testing
 
 from tests import run_helpers as rh
-from transformer import checkpoint, config_checks, distributed, errors, train, workdir
+from transformer import (checkpoint, config_checks, data, distributed, errors, inference, optim,
+                         train, visualize, workdir)
 
 pytestmark = [
     rh.needs_corpus,
@@ -325,6 +326,30 @@ def test_flipped_bit_falls_back_to_the_previous_checkpoint(resumable, caplog):
   assert int(state.step) == 6
 
 
+def rewrite_with_a_parameter_bit_flipped(state_dir: str):
+  """Rewrites a checkpoint's state, valid to orbax, with one bit of one parameter flipped (the
+  files compress the arrays, so a flipped byte on disk rarely lands in a parameter and decodes)."""
+  abstract, _ = train.Experiment(config_for()).abstract_state()
+  with ocp.StandardCheckpointer() as orbax_alone:
+    state = jax.tree.map(np.array, rh.numpy_tree(orbax_alone.restore(state_dir, abstract)))
+  state.params['encoder']['layer_0']['ffn']['wi']['kernel'].view(np.uint32).flat[5] ^= 1 << 4
+  shutil.rmtree(state_dir)
+  with ocp.StandardCheckpointer() as orbax_alone:
+    orbax_alone.save(state_dir, state)
+
+
+def test_flipped_parameter_bit_is_caught_when_using_the_model(resumable, caplog):
+  checkpoints = os.path.join(resumable, 'checkpoints')
+  rewrite_with_a_parameter_bit_flipped(os.path.join(checkpoints, '4', 'state'))
+  with caplog.at_level(logging.WARNING):
+    _, _, steps = inference.restore(config_for(), resumable, 'latest')
+  assert steps == [2]
+  assert (f'Using {checkpoints}/2 instead of the newer unreadable checkpoint(s) 4'
+          in caplog.text)
+  with pytest.raises(checkpoint.UnreadableCheckpointsError, match='checksum mismatch'):
+    inference.restore(config_for(), resumable, '4')
+
+
 def test_checksum_sees_every_bit_whatever_the_layout():
   x = np.random.default_rng(0).normal(size=(8, 6)).astype(np.float32)
   tree = {'w': x, 'step': np.int32(3)}
@@ -340,7 +365,37 @@ def test_checksum_sees_every_bit_whatever_the_layout():
     assert changed['w'] != reference['w'] and changed['step'] == reference['step']
 
 
-# --- 6. A gs:// workdir ---------------------------------------------------------------------------
+# --- 7. Using a model: its parameters alone -------------------------------------------------------
+
+def test_using_a_model_reads_its_parameters_alone(trained, tmp_path, monkeypatch):
+  """eval/translate/generate/fill_mask restore no optimizer state and build no optimizer or
+  training data: orbax is asked for the parameters only (a partial restore)."""
+  config = config_for()
+  saved = rh.restore_state(trained, config, 4)
+  requested = []
+  partial_restore = ocp.args.PyTreeRestore
+
+  def recording_partial_restore(item, **kwargs):
+    requested.append(sorted(item))
+    return partial_restore(item=item, **kwargs)
+
+  def never(*args, **kwargs):
+    raise AssertionError('using a model built an optimizer, a full restore or training data')
+
+  monkeypatch.setattr(ocp.args, 'PyTreeRestore', recording_partial_restore)
+  for module, name in ((optim, 'make_optimizer'), (ocp.args, 'StandardRestore'),
+                       (data, 'make_train_iterator'), (data, 'make_eval_batches')):
+    monkeypatch.setattr(module, name, never)
+  ctx, params, steps = inference.restore(config, trained, 'latest')
+  assert steps == [4] and requested == [['params']] and not hasattr(ctx, 'optimizer')
+  rh.assert_trees_equal(rh.numpy_tree(params), rh.numpy_tree(saved.params))
+  source = tmp_path / 'source.de'
+  source.write_text('Ein Hund läuft.\n', encoding='utf-8')
+  inference.run_translate(config, trained, str(source), str(tmp_path / 'out.en'))
+  assert len((tmp_path / 'out.en').read_text(encoding='utf-8').splitlines()) == 1
+
+
+# --- 8. A gs:// workdir ---------------------------------------------------------------------------
 
 def test_workdir_files_of_a_gs_workdir_go_through_epath(tmp_path, monkeypatch):
   """The lock, config.json, its history and appends on a gs:// workdir, with etils' mock backend
@@ -379,3 +434,8 @@ def test_workdir_files_of_a_gs_workdir_go_through_epath(tmp_path, monkeypatch):
   assert recorded == [(4, {'config_change': {'learning_rate': [1.0, 5.0]}}),
                       (4, {'config_change': {'learning_rate': [5.0, 7.0]}})]
   assert os.listdir(cwd) == []  # nothing written around epath
+  with epath_testing.mock_epath(**{name: in_store for name in calls}):
+    paths = visualize.write_teaching_plots(f'{run}/plots', schedule=lambda step: 1.0, num_steps=4)
+  assert paths and all(p.startswith(f'{run}/plots/') for p in paths)
+  assert sorted(os.listdir(local / 'plots')) == sorted(os.path.basename(p) for p in paths)
+  assert os.listdir(cwd) == []

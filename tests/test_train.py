@@ -71,6 +71,35 @@ def test_paper_schedule_values():
   assert schedule(warmup - 1) > schedule(warmup // 2) and schedule(warmup - 1) > schedule(2 * warmup)
 
 
+def test_logged_rate_is_the_rate_of_the_update_applied():
+  """Adam's first update moves each parameter by -lr * g / (|g| + eps): the logged rate must be
+  that lr, and each later step's logged rate the paper's at its update number."""
+  d, warmup, multiplier = 32, 3, 2.0
+  config = tiny('gpt_causal', schedule='rsqrt', learning_rate=multiplier, warmup_steps=warmup,
+                d_model=d, weight_decay=0.0, grad_clip_norm=0.0)
+  batch = synthetic_batch('gpt_causal')
+  model, optimizer = variants.build_model(config, VOCAB), optim.make_optimizer(config)
+  state = jax.jit(lambda: nn.unbox(train.init_state(model, optimizer, batch, config.seed)))()
+
+  def mean_token_loss(params):
+    return objectives.loss_and_metrics(objectives.forward(model, params, batch), batch,
+                                       config.label_smoothing)[0] / batch['weights'].sum()
+
+  grads = jax.jit(jax.grad(mean_token_loss))(state.params)
+  step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer,
+                                   config=config))
+  new_state, metrics = step(state, batch)
+  kernel = lambda tree: np.asarray(tree['stack']['layer_0']['ffn']['wi']['kernel'])
+  g = kernel(grads)
+  applied_rate = (kernel(state.params) - kernel(new_state.params)) / (g / (np.abs(g) + config.eps))
+  big = np.abs(g) > 1e-4  # where eps does not blur the quotient
+  np.testing.assert_allclose(applied_rate[big], float(metrics['learning_rate']), rtol=1e-3)
+  paper = lambda n: multiplier * d ** -0.5 * min(n ** -0.5, n * warmup ** -1.5)
+  for n in range(1, 6):
+    np.testing.assert_allclose(float(metrics['learning_rate']), paper(n), rtol=1e-6)
+    new_state, metrics = step(new_state, batch)
+
+
 @pytest.fixture(scope='module')
 def single_device_run():
   config = tiny('original', mesh_data=1)
@@ -93,7 +122,7 @@ def test_fsdp_shards_parameters_and_optimizer_state():
   kernel = state.params['stack']['layer_0']['ffn']['wi']['kernel']  # [D=32, F=64], D on fsdp
   assert kernel.sharding.spec[0] == 'fsdp'
   assert {s.data.shape for s in kernel.addressable_shards} == {(32 // 8, 64)}
-  adam_mu = state.opt_state[1][0].mu['stack']['layer_0']['ffn']['wi']['kernel']
+  adam_mu = state.opt_state.inner_state[1][0].mu['stack']['layer_0']['ffn']['wi']['kernel']
   assert {s.data.shape for s in adam_mu.addressable_shards} == {(32 // 8, 64)}
 
 
@@ -130,7 +159,7 @@ def test_gradient_accumulation_weighs_tokens_not_micro_batches():
   np.testing.assert_allclose(metrics['grad_norm'], norm, rtol=1e-5)
   # Adam's first moment after one update: (1 - b1) x the gradient clipped to the global norm.
   clipped = jax.tree.map(lambda g: g * min(1.0, config.grad_clip_norm / norm), grads)
-  assert_trees_close(new_state.opt_state[1][0].mu,
+  assert_trees_close(new_state.opt_state.inner_state[1][0].mu,
                      jax.tree.map(lambda g: (1 - config.b1) * g, clipped), rtol=1e-4, atol=1e-8)
 
 

@@ -16,11 +16,14 @@ corrupted files, a checksum that differs, non-finite values) is skipped with a w
 and, once an older one has restored, moved to WORKDIR/checkpoints_unreadable/ so that the resumed
 run can write that step again. If checkpoints exist but none restores, the run stops rather than
 start afresh. A checkpoint of a model of another shape is refused, never overwritten.
+Using a model reads its parameters alone (`restore_params`, an orbax partial restore), checked
+against the same checksums.
 """
 
 import dataclasses
 import os
 import time
+from typing import Any, NamedTuple
 
 import grain
 import jax
@@ -44,6 +47,11 @@ SHAPE_FIELDS = ('variant', 'd_model', 'num_heads', 'num_layers', 'num_decoder_la
 
 # The name orbax gives the folder of a save in progress: <step>.orbax-checkpoint-tmp-<time>.
 UNFINISHED_MARK = '.orbax-checkpoint-tmp'
+
+
+class ParamsOnly(NamedTuple):
+  """Marks an abstract parameter tree to restore alone (Checkpointer.restore_params)."""
+  params: Any
 
 
 class IncompatibleCheckpointError(errors.ConfigError):
@@ -219,9 +227,18 @@ class Checkpointer:
     return saved
 
   def _restore_step(self, step: int, abstract_state, data_iterator):
-    """(state, the config saved with it)."""
-    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    """(state, the config saved with it); abstract_state ParamsOnly(abstract params) reads the
+    parameters alone, as {'params': params}."""
     saved_config = self.check_compatible(step)
+    if isinstance(abstract_state, ParamsOnly):
+      # A partial restore: the optimizer's moments (twice the parameters under Adam) stay on disk.
+      tree = {'params': abstract_state.params}
+      args = ocp.args.PyTreeRestore(item=tree, partial_restore=True,
+                                    restore_args=ocp.checkpoint_utils.construct_restore_args(tree))
+      with ocp.PyTreeCheckpointer() as reader:
+        return reader.restore(epath.Path(self.directory) / str(step) / 'state',
+                              args=args), saved_config
+    items = dict(state=ocp.args.StandardRestore(abstract_state))
     if data_iterator is not None and saved_config.get('has_data_state', True):
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     return self.manager.restore(step, args=ocp.args.Composite(**items))['state'], saved_config
@@ -242,6 +259,13 @@ class Checkpointer:
       return (f'checksum mismatch in {len(differ)} array(s) ({", ".join(differ[:3])}'
               f'{", ..." if len(differ) > 3 else ""}): its files changed after they were written')
     return None
+
+  def restore_params(self, abstract_params, step: int | None = None):
+    """(params, step): the parameters alone of `step` or of the newest checkpoint that restores,
+    checked against their checksums like a whole state; (None, 0) if there is no checkpoint.
+    Reads no optimizer state and no data position: for using a model, not for resuming it."""
+    tree, step = self.restore(ParamsOnly(abstract_params), step=step)
+    return (tree['params'] if tree is not None else None), step
 
   def restore(self, abstract_state, data_iterator=None, step: int | None = None):
     """(state, step) from `step`, or from the newest checkpoint that restores; (None, 0) if none.

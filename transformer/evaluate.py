@@ -1,7 +1,11 @@
 """Evaluation of a model's parameters: validation loss/perplexity/accuracy, BLEU, samples.
 
 Used inside the training loop (periodic validation) and by `--mode=eval` (a split -> JSON).
+`ctx` is a context.ModelContext (config, tokenizer, mesh, model), or the train.Experiment that
+extends it.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,11 +15,22 @@ from absl import logging
 from transformer import data, decode, distributed, metrics, objectives, sharding, variants
 
 
-def loss_metrics(exp, eval_fn, params, batches) -> dict:
+def eval_step(params, batch: dict, *, model, config) -> dict:
+  """Token sums of loss, NLL and accuracy on one batch (padding rows have weight 0)."""
+  logits = objectives.forward(model, params, batch, deterministic=True)
+  return objectives.loss_and_metrics(logits, batch, config.label_smoothing)[1]
+
+
+def jit_eval_step(model, config, mesh, params_shardings):
+  step = functools.partial(eval_step, model=model, config=config)
+  return jax.jit(step, in_shardings=(params_shardings, sharding.batch_sharding(mesh)))
+
+
+def loss_metrics(ctx, eval_fn, params, batches) -> dict:
   """Token-weighted loss, NLL, perplexity and accuracy over `batches`."""
   sums = None
   for batch in batches:
-    batch = sharding.global_batch(batch, exp.mesh)
+    batch = sharding.global_batch(batch, ctx.mesh)
     distributed.wait_before_launch(sums)
     out = eval_fn(params, batch)
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
@@ -34,9 +49,9 @@ def encode_sources(tokenizer, sources: list[str], max_len: int) -> tuple[np.ndar
   return ids, truncated
 
 
-def translate_texts(exp, params, sources: list[str], *, beam_size: int) -> list[str]:
+def translate_texts(ctx, params, sources: list[str], *, beam_size: int) -> list[str]:
   """Detokenized translations of `sources`, in order, decoded in fixed-size batches."""
-  config, tokenizer = exp.config, exp.tokenizer
+  config, tokenizer = ctx.config, ctx.tokenizer
   ids, truncated = encode_sources(tokenizer, sources, config.max_source_len)
   if truncated:
     logging.warning('%d of %d source sentences were longer than max_source_len=%d tokens and '
@@ -47,24 +62,24 @@ def translate_texts(exp, params, sources: list[str], *, beam_size: int) -> list[
     chunk = ids[start:start + batch]
     padded = np.zeros((batch, ids.shape[1]), np.int32)
     padded[:len(chunk)] = chunk  # a fixed shape: one compilation for every batch
-    tokens = decode.translate(exp.model, params, jnp.asarray(padded),
+    tokens = decode.translate(ctx.model, params, jnp.asarray(padded),
                               max_len=config.decode_max_len, beam_size=beam_size,
                               length_penalty=config.length_penalty)
     outputs.extend(tokenizer.decode(row) for row in np.asarray(tokens)[:len(chunk)])
   return outputs
 
 
-def translation_scores(exp, params, split: str, *, beam_size: int,
+def translation_scores(ctx, params, split: str, *, beam_size: int,
                        max_sentences: int | None = None) -> tuple[dict, list[str]]:
   """sacreBLEU (cased, lowercased) and chrF of `split` translations, and the hypotheses."""
-  pairs = data.load_text_pairs(exp.config, split)[:max_sentences or None]
-  hypotheses = translate_texts(exp, params, [src for src, _ in pairs], beam_size=beam_size)
+  pairs = data.load_text_pairs(ctx.config, split)[:max_sentences or None]
+  hypotheses = translate_texts(ctx, params, [src for src, _ in pairs], beam_size=beam_size)
   return metrics.corpus_scores(hypotheses, [ref for _, ref in pairs]), hypotheses
 
 
-def lm_samples(exp, params, prompt: str, num_samples: int) -> list[str]:
+def lm_samples(ctx, params, prompt: str, num_samples: int) -> list[str]:
   """Continuations of `prompt` by a causal LM, sampled with the config's decoding settings."""
-  config, tokenizer = exp.config, exp.tokenizer
+  config, tokenizer = ctx.config, ctx.tokenizer
   prompt_ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
   room = config.max_len - config.decode_max_len  # the model sees at most max_len positions
   if room < 1:
@@ -74,7 +89,7 @@ def lm_samples(exp, params, prompt: str, num_samples: int) -> list[str]:
     logging.warning('The prompt has %d tokens; only its last %d are used.', len(prompt_ids), room)
     prompt_ids = prompt_ids[-room:]
   prompts = jnp.asarray(np.tile(np.asarray(prompt_ids, np.int32), (num_samples, 1)))
-  tokens = decode.generate(exp.model, params, prompts, max_len=config.decode_max_len,
+  tokens = decode.generate(ctx.model, params, prompts, max_len=config.decode_max_len,
                            temperature=config.temperature, top_k=config.top_k,
                            top_p=config.top_p, rng=jax.random.key(config.seed))
   return [prompt + tokenizer.decode(row) for row in np.asarray(tokens)]

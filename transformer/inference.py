@@ -14,26 +14,27 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from transformer import (checkpoint, config_checks, data, decode, errors, evaluate, optim, train,
+from transformer import (checkpoint, config_checks, context, data, decode, errors, evaluate, optim,
                          variants, visualize)
 
 
 def restore(config, workdir: str, which: str = 'latest'):
-  """(experiment, params, steps) of workdir's `which` checkpoint.
+  """(model context, params, steps) of workdir's `which` checkpoint: its parameters alone, without
+  the optimizer state, into a context that builds no optimizer and loads no data.
 
   `which` is 'latest', 'best', a step, or comma-separated steps whose parameters are averaged
   (the paper evaluates the average of its last checkpoints); `steps` lists the steps loaded.
   """
-  exp = train.Experiment(config)
-  abstract, _ = exp.abstract_state()
+  ctx = context.ModelContext(config)
+  abstract, _ = ctx.abstract_params()
   # Read-only: a training run may be writing to this workdir.
-  with checkpoint.Checkpointer(workdir, config, exp.tokenizer.vocab_size, read_only=True) as ckpt:
-    restored = [ckpt.restore(abstract, step=step) for step in _steps(ckpt, which, config)]
+  with checkpoint.Checkpointer(workdir, config, ctx.tokenizer.vocab_size, read_only=True) as ckpt:
+    restored = [ckpt.restore_params(abstract, step=step) for step in _steps(ckpt, which, config)]
   steps = [step for _, step in restored]
-  params = jax.tree.map(lambda *p: sum(p) / len(p), *[state.params for state, _ in restored])
-  logging.info('Restored step %s from %s%s.', ', '.join(map(str, steps)), ckpt.directory,
-               ' (parameters averaged)' if len(steps) > 1 else '')
-  return exp, params, steps
+  params = jax.tree.map(lambda *p: sum(p) / len(p), *[params for params, _ in restored])
+  logging.info('Restored the parameters of step %s from %s%s.', ', '.join(map(str, steps)),
+               ckpt.directory, ' (averaged)' if len(steps) > 1 else '')
+  return ctx, params, steps
 
 
 def _steps(ckpt: checkpoint.Checkpointer, which: str, config) -> list[int | None]:
@@ -65,15 +66,15 @@ def run_eval(config, workdir: str, split: str, which: str = 'latest') -> dict:
   translation: ..._greedy.json or ..._beam<k>_lp<alpha>.json, so that checkpoints and decoding
   settings compared on validation keep their own files) and returns its content.
   """
-  exp, params, steps = restore(config, workdir, which)
-  batches = data.make_eval_batches(config, exp.tokenizer, split,
+  ctx, params, steps = restore(config, workdir, which)
+  batches = data.make_eval_batches(config, ctx.tokenizer, split,
                                    process_index=jax.process_index(),
                                    process_count=jax.process_count())
-  eval_fn = train.jit_eval_step(exp.model, config, exp.mesh, None)
+  eval_fn = evaluate.jit_eval_step(ctx.model, config, ctx.mesh, None)
   result = dict(split=split, step=steps[-1], checkpoint=which, averaged_steps=steps,
-                **evaluate.loss_metrics(exp, eval_fn, params, batches))
+                **evaluate.loss_metrics(ctx, eval_fn, params, batches))
   if variants.get(config.variant).translates:
-    scores, hypotheses = evaluate.translation_scores(exp, params, split,
+    scores, hypotheses = evaluate.translation_scores(ctx, params, split,
                                                      beam_size=config.beam_size)
     result.update(scores, beam_size=config.beam_size, length_penalty=config.length_penalty,
                   sample=hypotheses[:3])
@@ -98,16 +99,14 @@ def _decode_suffix(config) -> str:
 
 def _read_lines(path: str | None) -> list[str]:
   if path:
-    with open(path, encoding='utf-8') as f:
-      return f.read().splitlines()
+    return epath.Path(path).read_text(encoding='utf-8').splitlines()
   return sys.stdin.read().splitlines()
 
 
 def _write_lines(lines: list[str], path: str | None):
   text = ''.join(line + '\n' for line in lines)
   if path:
-    with open(path, 'w', encoding='utf-8') as f:
-      f.write(text)
+    epath.Path(path).write_text(text, encoding='utf-8')
   else:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -117,11 +116,11 @@ def run_translate(config, workdir: str, input_path: str | None, output_path: str
                   which: str = 'latest'):
   """One output line per input line, in order; empty lines stay empty; long ones are truncated."""
   config_checks.check_mode(config, 'translate')
-  exp, params, _ = restore(config, workdir, which)
+  ctx, params, _ = restore(config, workdir, which)
   lines = _read_lines(input_path)
   sources = [line.strip() for line in lines]
   nonempty = [i for i, line in enumerate(sources) if line]
-  translations = evaluate.translate_texts(exp, params, [sources[i] for i in nonempty],
+  translations = evaluate.translate_texts(ctx, params, [sources[i] for i in nonempty],
                                           beam_size=config.beam_size) if nonempty else []
   outputs = [''] * len(lines)
   for i, text in zip(nonempty, translations):
@@ -132,8 +131,8 @@ def run_translate(config, workdir: str, input_path: str | None, output_path: str
 def run_generate(config, workdir: str, prompt: str, num_samples: int, which: str = 'latest'):
   """Prints num_samples continuations of `prompt` (sampled with the config's settings)."""
   config_checks.check_mode(config, 'generate')
-  exp, params, _ = restore(config, workdir, which)
-  samples = evaluate.lm_samples(exp, params, prompt, num_samples)
+  ctx, params, _ = restore(config, workdir, which)
+  samples = evaluate.lm_samples(ctx, params, prompt, num_samples)
   _write_lines([f'--- sample {i} ---\n{s}' for i, s in enumerate(samples)], None)
   return samples
 
@@ -142,10 +141,10 @@ def run_fill_mask(config, workdir: str, text: str, top_k: int = 5, which: str = 
   """The top_k predictions for each <mask> in `text`, one line per mask."""
   config_checks.check_mode(config, 'fill_mask')
   ids = _fill_mask_ids(config, data.get_tokenizer(config), text)  # before the slower restore
-  exp, params, _ = restore(config, workdir, which)
-  tok = exp.tokenizer
+  ctx, params, _ = restore(config, workdir, which)
+  tok = ctx.tokenizer
   ids_BxL = jnp.asarray([ids], jnp.int32)
-  top_ids, top_probs = decode.fill_mask(exp.model, params, ids_BxL, top_k=top_k)
+  top_ids, top_probs = decode.fill_mask(ctx.model, params, ids_BxL, top_k=top_k)
   lines = []
   for position in np.flatnonzero(np.asarray(ids) == tok.mask_id):
     guesses = ', '.join(f'{tok.decode([int(i)])!r} {float(p):.3f}'
@@ -172,13 +171,13 @@ def run_visualize(config, workdir: str, text: str | None, which: str = 'latest')
   """Teaching plots (positional encodings, masks, this config's schedule) into WORKDIR/plots, and
   per-layer, per-head attention heatmaps of `text` (default: the first validation source) when
   the workdir has a checkpoint."""
-  out_dir = os.path.join(workdir, 'plots')
+  out_dir = os.path.join(os.fspath(workdir), 'plots')
   paths = visualize.write_teaching_plots(out_dir, schedule=optim.make_schedule(config),
                                          num_steps=config.num_train_steps,
                                          d_model=config.d_model)
   try:
-    exp, params, _ = restore(config, workdir, which)
-    paths += _attention_plots(exp, params, text, out_dir)
+    ctx, params, _ = restore(config, workdir, which)
+    paths += _attention_plots(ctx, params, text, out_dir)
   except FileNotFoundError as e:
     logging.info('%s Attention heatmaps need a trained model.', e)
   for path in paths:
@@ -186,8 +185,8 @@ def run_visualize(config, workdir: str, text: str | None, which: str = 'latest')
   return paths
 
 
-def _attention_plots(exp, params, text: str | None, out_dir: str) -> list[str]:
-  config, tok = exp.config, exp.tokenizer
+def _attention_plots(ctx, params, text: str | None, out_dir: str) -> list[str]:
+  config, tok = ctx.config, ctx.tokenizer
   variant = variants.get(config.variant)
   if text is None:
     text = (data.load_text_pairs(config, 'validation')[0][0] if variant.translates
@@ -195,20 +194,20 @@ def _attention_plots(exp, params, text: str | None, out_dir: str) -> list[str]:
   pieces = lambda ids: [tok.decode([i]) or f'<{i}>' for i in ids]
   source = tok.encode(text)[:config.max_source_len]
   if variant.translates:
-    output = np.asarray(decode.translate(exp.model, params, jnp.asarray([source], jnp.int32),
+    output = np.asarray(decode.translate(ctx.model, params, jnp.asarray([source], jnp.int32),
                                          max_len=config.decode_max_len))[0]
     target = [tok.bos_id] + [int(i) for i in output if i not in (0, tok.eos_id)]
     if variant.encoder_decoder:
       return visualize.write_attention_plots(
-          out_dir, exp.model, params, jnp.asarray([source]), jnp.asarray([target]),
+          out_dir, ctx.model, params, jnp.asarray([source]), jnp.asarray([target]),
           source_labels=pieces(source), target_labels=pieces(target))
     sequence = source + target
     types = [0] * len(source) + [1] * len(target)
     return visualize.write_attention_plots(
-        out_dir, exp.model, params, jnp.asarray([sequence]), source_labels=pieces(sequence),
+        out_dir, ctx.model, params, jnp.asarray([sequence]), source_labels=pieces(sequence),
         prefix_len=jnp.asarray([len(source)]), token_types=jnp.asarray([types]))
   ids = tok.encode(text)[:config.max_len - 2]
   if variant.fills_masks:  # a masked LM reads cls + text + sep, as in training
     ids = [tok.cls_id] + ids + [tok.sep_id]
-  return visualize.write_attention_plots(out_dir, exp.model, params, jnp.asarray([ids]),
+  return visualize.write_attention_plots(out_dir, ctx.model, params, jnp.asarray([ids]),
                                          source_labels=pieces(ids))

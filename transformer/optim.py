@@ -47,6 +47,9 @@ def make_optimizer(config) -> optax.GradientTransformation:
                clipped at RMS 1 and scaled by each parameter's RMS; no first moment
     lion       the sign of an interpolated momentum (b1, b2), decoupled weight decay; it wants
                a learning rate about 3-10x smaller than Adam's
+
+  The rate is injected (optax.inject_hyperparams): the optimizer state holds the rate of its
+  latest update, which `learning_rate` reads for the logs.
   """
   if config.optimizer not in OPTIMIZERS:
     raise errors.ConfigError(f'config.optimizer must be one of {", ".join(OPTIMIZERS)}, got '
@@ -55,14 +58,22 @@ def make_optimizer(config) -> optax.GradientTransformation:
           else optax.identity())
   # Decay matrices only: biases and LayerNorm parameters are left alone, as is customary.
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  schedule = make_schedule(config)
-  if config.optimizer == 'adafactor':
-    update = optax.adafactor(schedule, weight_decay_rate=config.weight_decay or None,
-                             weight_decay_mask=decay_mask)
-  elif config.optimizer == 'lion':
-    update = optax.lion(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
-                        mask=decay_mask)
-  else:
-    update = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                         weight_decay=config.weight_decay, mask=decay_mask)
-  return optax.chain(clip, update)
+
+  def optimizer(learning_rate):
+    if config.optimizer == 'adafactor':
+      update = optax.adafactor(learning_rate, weight_decay_rate=config.weight_decay or None,
+                               weight_decay_mask=decay_mask)
+    elif config.optimizer == 'lion':
+      update = optax.lion(learning_rate, b1=config.b1, b2=config.b2,
+                          weight_decay=config.weight_decay, mask=decay_mask)
+    else:
+      update = optax.adamw(learning_rate, b1=config.b1, b2=config.b2, eps=config.eps,
+                           weight_decay=config.weight_decay, mask=decay_mask)
+    return optax.chain(clip, update)
+
+  return optax.inject_hyperparams(optimizer)(learning_rate=make_schedule(config))
+
+
+def learning_rate(opt_state) -> jax.Array:
+  """The rate of the latest update that `opt_state` (of make_optimizer) took."""
+  return opt_state.hyperparams['learning_rate']

@@ -1,8 +1,8 @@
 """Training and evaluation: pure jitted steps, and the loop that feeds them and saves the results.
 
 Data flows one way: config -> data -> model -> objective -> train step -> checkpoint / metrics.
-`train_step` and `eval_step` are pure functions of (state, batch); everything with side effects
-(input, logging, checkpoints) lives in `train_and_evaluate` and `evaluate`.
+`train_step` (here) and `evaluate.eval_step` are pure functions of (state or params, batch);
+everything with side effects (input, logging, checkpoints) lives in `train_and_evaluate`.
 """
 
 import functools
@@ -17,8 +17,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from transformer import (checkpoint, config_checks, data, distributed, errors, evaluate,
-                         objectives, optim, perf, sharding, variants)
+from transformer import (checkpoint, context, data, distributed, errors, evaluate, objectives,
+                         optim, perf, sharding)
 from transformer import workdir as workdir_lib
 from transformer.writer import MetricWriter, log_progress
 
@@ -101,16 +101,9 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, config):
       nonfinite_steps=state.nonfinite_steps + bad.astype(jnp.int32),
       first_nonfinite_step=jnp.where(bad & (state.first_nonfinite_step < 0), state.step,
                                      state.first_nonfinite_step))
-  updates_applied = state.step - state.nonfinite_steps  # the optimizer's schedule count
   metrics = dict(metrics, grad_norm=grad_norm,
-                 learning_rate=optim.make_schedule(config)(updates_applied))
+                 learning_rate=optim.learning_rate(new_state.opt_state))  # of the last update
   return new_state, metrics
-
-
-def eval_step(params, batch: dict, *, model, config) -> dict:
-  """Token sums of loss, NLL and accuracy on one batch (padding rows have weight 0)."""
-  logits = objectives.forward(model, params, batch, deterministic=True)
-  return objectives.loss_and_metrics(logits, batch, config.label_smoothing)[1]
 
 
 def _one_row(batch: dict) -> dict:
@@ -121,10 +114,7 @@ def abstract_state(model, optimizer, config, example_batch: dict, mesh):
   """(abstract unboxed state carrying shardings, state shardings), allocating nothing."""
   example = _one_row(example_batch)
   boxed = jax.eval_shape(lambda: init_state(model, optimizer, example, config.seed))
-  shardings = sharding.tree_shardings(boxed, mesh)
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          nn.unbox(boxed), shardings)
-  return abstract, shardings
+  return context.abstract_tree(boxed, mesh)
 
 
 def create_state(model, optimizer, config, example_batch: dict, shardings) -> TrainState:
@@ -140,20 +130,11 @@ def jit_train_step(model, optimizer, config, mesh, state_shardings):
                  out_shardings=(state_shardings, None), donate_argnums=0)
 
 
-def jit_eval_step(model, config, mesh, params_shardings):
-  step = functools.partial(eval_step, model=model, config=config)
-  return jax.jit(step, in_shardings=(params_shardings, sharding.batch_sharding(mesh)))
-
-
-class Experiment:
-  """What a run is made of, built from its config: tokenizer, mesh, model, optimizer, eval data."""
+class Experiment(context.ModelContext):
+  """What a run is made of: the model's context (tokenizer, mesh, model), optimizer, eval data."""
 
   def __init__(self, config):
-    config_checks.check(config)
-    self.config = config
-    self.tokenizer = data.get_tokenizer(config)
-    self.mesh = sharding.make_mesh(config)
-    self.model = variants.build_model(config, self.tokenizer.vocab_size)
+    super().__init__(config)
     self.optimizer = optim.make_optimizer(config)
     self.eval_batches = data.make_eval_batches(
         config, self.tokenizer, 'validation', process_index=jax.process_index(),
@@ -244,7 +225,7 @@ def _train_loop(exp, state, start_step, train_iter, shardings, ckpt, writer):
   """Steps from start_step to config.num_train_steps, or to a signal; (state, last validation)."""
   config = exp.config
   step_fn = jit_train_step(exp.model, exp.optimizer, config, exp.mesh, shardings)
-  eval_fn = jit_eval_step(exp.model, config, exp.mesh, shardings.params)
+  eval_fn = evaluate.jit_eval_step(exp.model, config, exp.mesh, shardings.params)
   throughput = _Throughput(config, exp.tokenizer.vocab_size)
   pending, last_eval = [], {}
   with distributed.PreemptionNotice(config.log_every_steps) as preempted:

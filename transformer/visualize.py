@@ -1,7 +1,8 @@
 """Plots for looking inside the model: attention maps, positional encodings, LR schedule, masks.
 
 Figures are drawn with matplotlib's object API (Figure + Agg rendering: no display, no pyplot
-global state) and saved as PNG; every function returns the paths it wrote.
+global state) and saved as PNG through etils.epath (a gs:// workdir works); every function
+returns the paths it wrote.
 
   write_attention_plots(out_dir, model, params, inputs, [decoder_inputs], ...)  one PNG per layer
       and attention kind (encoder self, decoder self, cross; or the single stack's self), heads in
@@ -16,6 +17,7 @@ from typing import Optional
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import traverse_util
 from matplotlib.figure import Figure
 
@@ -26,7 +28,8 @@ MAX_LABELLED_TOKENS = 60  # Longer sequences get no per-token tick labels (they 
 
 
 def _save(fig: Figure, path: str) -> str:
-  fig.savefig(path, dpi=100)
+  with epath.Path(path).open('wb') as f:  # a gs:// workdir too
+    fig.savefig(f, format='png', dpi=100)
   return path
 
 
@@ -90,7 +93,7 @@ def write_attention_plots(out_dir: str, model, params, inputs_1xS, decoder_input
   SingleStack: the inputs are the whole sequence (source_labels label it); pass prefix_len and
   token_types for unilm_prefix as model keyword arguments.
   """
-  os.makedirs(out_dir, exist_ok=True)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   inputs = (inputs_1xS,) if decoder_inputs_1xT is None else (inputs_1xS, decoder_inputs_1xT)
   labels = {'encoder/self_attention': (source_labels, source_labels),
             'decoder/self_attention': (target_labels, target_labels),
@@ -191,7 +194,7 @@ def plot_masks(path: str, *, length: int = 8) -> str:
 def write_teaching_plots(out_dir: str, *, schedule: Optional[Callable[[int], float]] = None,
                          num_steps: int = 0, d_model: int = 128) -> list[str]:
   """Positional encodings and masks, plus the learning-rate schedule when one is given."""
-  os.makedirs(out_dir, exist_ok=True)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   paths = [plot_positional_encoding(os.path.join(out_dir, 'positional_encoding.png'),
                                     d_model=d_model),
            plot_masks(os.path.join(out_dir, 'masks.png'))]

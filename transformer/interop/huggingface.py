@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from transformer import checkpoint, objectives, optim, sharding, train, variants
+from transformer import checkpoint, context, errors, objectives, optim, sharding, train, variants
 from transformer.interop import FAMILIES, exporters, rules as rules_lib
 from transformer.interop.rules import UnsupportedConfigError
 from transformer.interop.vocab import SPECIALS, VocabMap
@@ -177,18 +177,13 @@ def workdir_vocab(config) -> VocabMap:
 def restore_params(config, workdir: str, vocab_size: int, which: str = 'latest') -> dict:
   """The parameters of a workdir's checkpoint (`which`: latest or a step), as numpy arrays."""
   model = variants.build_model(config, vocab_size)
-  optimizer = optim.make_optimizer(config)
-  mesh = sharding.make_mesh(config)
-  abstract, _ = train.abstract_state(model, optimizer, config, variants.example_batch(config),
-                                     mesh)
-  ckpt = checkpoint.Checkpointer(workdir, config, vocab_size)
-  if not ckpt.all_steps():
-    ckpt.close()
-    raise FileNotFoundError(f'No checkpoint in {ckpt.directory}.')
-  state, step = ckpt.restore(abstract, step=None if which == 'latest' else int(which))
-  ckpt.close()
+  abstract, _ = context.abstract_params(model, config, sharding.make_mesh(config))
+  with checkpoint.Checkpointer(workdir, config, vocab_size, read_only=True) as ckpt:
+    if not ckpt.all_steps():
+      raise errors.MissingError(f'No checkpoint in {ckpt.directory}.')
+    params, step = ckpt.restore_params(abstract, step=None if which == 'latest' else int(which))
   logging.info('Exporting step %d of %s.', step, workdir)
-  return jax.tree.map(np.asarray, jax.device_get(state.params))
+  return jax.tree.map(np.asarray, jax.device_get(params))
 
 
 def _export_config(config):
