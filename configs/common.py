@@ -55,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.embedding_dim = config_dict.placeholder(int)  # ALBERT's factorised embedding: V x E tables
   # and an E -> d_model projection (unset = d_model, no projection).
   c.share_layers = False  # ALBERT: one set of layer parameters used at every depth of a stack.
+  c.attention_kind = 'full'  # Self-attention: full (the paper) | local (a sliding window,
+  # computed in blocks: memory L x window, not L^2; see transformer/attention_kinds.py).
+  c.attention_window = 128  # attention_kind=local: keys fewer than this many positions away.
   c.logits_bias = False  # A learned bias on the output logits (Marian's final_logits_bias).
   c.output_rsqrt_scale = False  # Hidden states x d_model^-0.5 before the output projection (T5).
   c.dtype = 'float32'  # Compute dtype: float32 | bfloat16. Parameters stay float32.
@@ -111,9 +114,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_cpu_devices = 2  # CPU backend: split the host into this many JAX devices (-1 = one). Two
   # run data-parallel, one per core of a 2-core machine: a small model cannot keep two cores busy
   # inside one device (gpt_causal:small 31.7 -> 22.4 ms per step). Ignored on GPU and TPU.
-  c.keep_host_memory = True  # glibc malloc keeps freed memory for reuse (one arena, no mmap, no
-  # trim) instead of faulting fresh pages in at every step: original:small 530 -> 400 ms/step on
-  # CPU. The process keeps its peak heap. See distributed.keep_freed_memory.
+  c.keep_host_memory = True  # CPU backend: glibc malloc keeps freed memory for reuse (one arena,
+  # no mmap, no trim) instead of faulting fresh pages in at every step: original:small 530 -> 400
+  # ms/step. The process keeps its peak heap. Not applied on GPU and TPU. See
+  # distributed.keep_freed_memory.
 
   # --- Evaluation, logging, checkpoints -------------------------------------------------------
   c.log_every_steps = 50  # Train metrics to metrics.jsonl / TensorBoard / console.

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import gpt_causal, original
+from configs import gpt_causal, original, unilm_prefix
 from configs.sweeps import modern_block_gpt, modern_block_original
-from transformer import decode, objectives, positions, variants
+from transformer import decode, masks, models, objectives, positions, variants
 from transformer.attention import MultiHeadAttention
 from transformer.layers import FeedForward, ModelConfig
 
@@ -126,6 +126,53 @@ def test_attention_matches_oracle(num_kv_heads, qk_norm, rope_theta):
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('causal', [True, False], ids=['causal', 'bidirectional'])
+def test_local_attention_matches_oracle_with_a_window(causal):
+  """Local attention, computed in blocks, equals attention under the written-out window mask
+  |i - j| < w (and j <= i if causal) on a length that is not a multiple of the window."""
+  rng = np.random.default_rng(0)
+  length, window = 11, 3
+  x = rng.normal(size=(2, length, 16)).astype(np.float32)
+  valid = np.ones((2, length), bool)
+  valid[1, 8:] = False
+  i, j = np.arange(length)[:, None], np.arange(length)[None, :]
+  mask = (np.abs(i - j) < window) & ((j <= i) if causal else True) & valid[:, None, :]
+  layer = MultiHeadAttention(num_heads=4, num_kv_heads=2, attention_window=window, causal=causal)
+  block_mask = masks.local_self_attention_mask('causal' if causal else 'bidirectional',
+                                               jnp.asarray(valid), window)
+  params = randomize(unbox_init(layer, x, x, block_mask, deterministic=True))
+  out = layer.apply({'params': params}, x, x, block_mask, deterministic=True)
+  w = {k: np.asarray(params[k]['kernel']) for k in ('query', 'key', 'value', 'out')}
+  seen = mask.any(-1)  # queries with a key to read (the oracle has no answer for the others)
+  np.testing.assert_allclose(np.asarray(out)[seen], attention_oracle(x, w, 4, 2, mask)[seen],
+                             rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('packed', [False, True], ids=['prefix_len', 'packed'])
+def test_local_prefix_lm_equals_full_attention_under_the_window(packed, monkeypatch):
+  """unilm_prefix with local attention equals the same model with full attention whose mask also
+  holds the window (the prefix mask, segments and T5 biases evaluated per block agree)."""
+  config = unilm_prefix.get_config('tiny')
+  config.update(positional='relative_bias', attention_kind='local', attention_window=4)
+  model = variants.build_model(config, VOCAB)
+  ids = jax.random.randint(jax.random.key(0), (2, 14), 4, VOCAB).at[1, 11:].set(0)
+  if packed:  # two examples per row, each with its own source (token type 0)
+    kwargs = dict(segment_ids=jnp.asarray([[1] * 7 + [2] * 7] * 2),
+                  token_types=jnp.asarray([[0] * 3 + [1] * 4 + [0] * 4 + [1] * 3] * 2))
+  else:
+    kwargs = dict(prefix_len=jnp.asarray([5, 6]), token_types=jnp.zeros_like(ids))
+  params = randomize(unbox_init(model, ids, **kwargs))
+  local = model.apply({'params': params}, ids, **kwargs)
+  config.attention_kind = 'full'
+  full_model = variants.build_model(config, VOCAB)
+  monkeypatch.setattr(models, 'self_attention_mask', lambda cfg, kind, valid, **parts:
+                      masks.self_attention_mask(kind, valid, window=4, **parts))
+  full = full_model.apply({'params': params}, ids, **kwargs)
+  np.testing.assert_allclose(local, full, rtol=1e-4, atol=1e-5)
+  monkeypatch.undo()  # and the window matters: without it the logits differ
+  assert not np.allclose(full_model.apply({'params': params}, ids, **kwargs), local, atol=1e-3)
+
+
 def test_rotary_scores_depend_only_on_distance():
   rng = np.random.default_rng(0)
   q, k = rng.normal(size=(1, 1, 1, 8)), rng.normal(size=(1, 1, 1, 8))
@@ -189,10 +236,14 @@ def one_token_at_a_time(step, cache, ids_BxL):
   return jnp.stack(outs, 1)
 
 
+LOCAL = dict(attention_kind='local', attention_window=3)  # 3 blocks of the 9 tokens
+
+
+@pytest.mark.parametrize('attention', [{}, LOCAL], ids=['full', 'local'])
 @pytest.mark.parametrize('positional', POSITIONALS)
 @pytest.mark.parametrize('modern', [False, True], ids=['paper_block', 'modern_block'])
-def test_causal_lm_has_no_future_leakage_and_cache_equals_full(positional, modern):
-  model, x, params = gpt(positional=positional, **(MODERN if modern else {}))
+def test_causal_lm_has_no_future_leakage_and_cache_equals_full(positional, modern, attention):
+  model, x, params = gpt(positional=positional, **(MODERN if modern else {}), **attention)
   full = model.apply({'params': params}, x)
   changed = model.apply({'params': params}, x.at[:, 5:].set(3))
   np.testing.assert_allclose(full[:, :5], changed[:, :5], atol=1e-6)
@@ -214,10 +265,11 @@ def test_causal_lm_has_no_future_leakage_and_cache_equals_full(positional, moder
     np.testing.assert_allclose(cached_BxTxV[row], alone[0, 3 - start:], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize('attention', [{}, LOCAL], ids=['full', 'local'])
 @pytest.mark.parametrize('positional', POSITIONALS)
-def test_encoder_decoder_cache_equals_full(positional):
+def test_encoder_decoder_cache_equals_full(positional, attention):
   config = original.get_config('tiny')
-  config.update(positional=positional, **MODERN)
+  config.update(positional=positional, **MODERN, **attention)
   model = variants.build_model(config, VOCAB)
   src = jax.random.randint(jax.random.key(0), (2, 7), 4, VOCAB).at[1, 5:].set(0)
   tgt = jax.random.randint(jax.random.key(1), (2, 6), 4, VOCAB)

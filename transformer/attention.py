@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from transformer import masks, norms, positions
+from transformer import attention_kinds, masks, norms, positions
 
 Array = jnp.ndarray
 xavier = nn.initializers.xavier_uniform()
@@ -36,6 +36,10 @@ class MultiHeadAttention(nn.Module):
   With `decode=True` (self-attention only), new keys/values are written into a cache at
   `cache_slot` and the queries attend over the whole cache; the caller's mask then spans the
   cache ([B, 1, Q, C]). The cache is sized by the sequence length of the `init` call.
+
+  attention_window (self-attention, not decoding): local attention computed block by block
+  (attention_kinds.py); the caller's mask and logit bias are then those of the blocks
+  ([B * N, 1, W, K] and [B * N, H, W, K]), and `causal` says which key blocks a block reads.
   """
   num_heads: int
   dropout_rate: float = 0.0
@@ -46,6 +50,8 @@ class MultiHeadAttention(nn.Module):
   qk_norm: Optional[str] = None  # A norms.KINDS name: normalise queries and keys per head.
   norm_epsilon: float = 1e-6
   rope_theta: Optional[float] = None  # Rotary positions with this base (None: no rotation).
+  attention_window: Optional[int] = None  # Local attention over this window (None: full).
+  causal: bool = False  # Local attention: no key block after the query block is read.
 
   @nn.compact
   def __call__(self, x_BxQxD: Array, kv_BxKxD: Array, mask_Bx1xQxK: Optional[Array], *,
@@ -59,7 +65,6 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f'd_model={d_model} must be divisible by num_heads={self.num_heads}, and '
                        f'num_heads by num_kv_heads={num_kv_heads}')
     head_dim = d_model // self.num_heads
-    groups = self.num_heads // num_kv_heads
 
     # By default no biases, as in the paper (W^Q, W^K, W^V, W^O); a key bias would get an
     # exactly-zero gradient (softmax is shift-invariant), which Adam turns into noisy updates.
@@ -80,14 +85,37 @@ class MultiHeadAttention(nn.Module):
 
     if decode:
       k_BxKxGxE, v_BxKxGxE = self._update_cache(k_BxKxGxE, v_BxKxGxE, cache_slot, cache_index)
+    if self.attention_window and not decode:  # local: the same attention, a block at a time
+      length = q_BxQxHxE.shape[1]
+      q_idx_NxW, kv_idx_NxK = attention_kinds.local_blocks(length, self.attention_window,
+                                                           self.causal)
+      q_NxWxHxE, k_NxKxGxE, v_NxKxGxE = (
+          attention_kinds.fold(attention_kinds.gather_blocks(x, idx))
+          for x, idx in ((q_BxQxHxE, q_idx_NxW), (k_BxKxGxE, kv_idx_NxK),
+                         (v_BxKxGxE, kv_idx_NxK)))
+      out_NxWxHxE, _ = self._attend(q_NxWxHxE, k_NxKxGxE, v_NxKxGxE, mask_Bx1xQxK,
+                                 logit_bias_BxHxQxK, deterministic)
+      out_BxQxHxE = attention_kinds.unfold(out_NxWxHxE, q_BxQxHxE.shape[0])[:, :length]
+    else:
+      out_BxQxHxE, weights_BxHxQxK = self._attend(q_BxQxHxE, k_BxKxGxE, v_BxKxGxE, mask_Bx1xQxK,
+                                                  logit_bias_BxHxQxK, deterministic)
+      self.sow('intermediates', 'attention_weights', weights_BxHxQxK)  # For visualization.
+    out_BxQxD = out_BxQxHxE.reshape(*out_BxQxHxE.shape[:2], d_model)
+    return dense(d_model, ('heads', 'embed'), self.dtype, 'out', use_bias=self.use_bias)(out_BxQxD)
 
-    batch, num_q, num_k = q_BxQxHxE.shape[0], q_BxQxHxE.shape[1], k_BxKxGxE.shape[1]
+  def _attend(self, q_BxQxHxE, k_BxKxGxE, v_BxKxGxE, mask_Bx1xQxK, logit_bias_BxHxQxK,
+              deterministic):
+    """softmax(Q K^T (/ sqrt(E)) + bias, where the mask allows) V, query head h reading key/value
+    head h // (H / G). Returns (output, attention weights before dropout)."""
+    batch, num_q, num_heads, head_dim = q_BxQxHxE.shape
+    num_k, num_kv_heads = k_BxKxGxE.shape[1], k_BxKxGxE.shape[2]
+    groups = num_heads // num_kv_heads
     if groups == 1:
       logits_BxHxQxK = jnp.einsum('bqhe,bkhe->bhqk', q_BxQxHxE, k_BxKxGxE)
     else:  # query head h = g * groups + r reads key/value head g
       q_BxQxGxRxE = q_BxQxHxE.reshape(batch, num_q, num_kv_heads, groups, head_dim)
       logits_BxHxQxK = jnp.einsum('bqgre,bkge->bgrqk', q_BxQxGxRxE, k_BxKxGxE).reshape(
-          batch, self.num_heads, num_q, num_k)
+          batch, num_heads, num_q, num_k)
     if self.scale_logits:
       logits_BxHxQxK = logits_BxHxQxK / jnp.sqrt(jnp.asarray(head_dim, self.dtype))
     logits_BxHxQxK = logits_BxHxQxK.astype(jnp.float32)
@@ -97,15 +125,12 @@ class MultiHeadAttention(nn.Module):
       # A large finite negative (not -inf): a fully masked row (padding query) stays finite.
       logits_BxHxQxK = jnp.where(mask_Bx1xQxK, logits_BxHxQxK, jnp.finfo(jnp.float32).min)
     weights_BxHxQxK = jax.nn.softmax(logits_BxHxQxK, axis=-1).astype(self.dtype)
-    self.sow('intermediates', 'attention_weights', weights_BxHxQxK)  # For visualization.
-    weights_BxHxQxK = nn.Dropout(self.dropout_rate)(weights_BxHxQxK, deterministic=deterministic)
+    dropped_BxHxQxK = nn.Dropout(self.dropout_rate)(weights_BxHxQxK, deterministic=deterministic)
     if groups == 1:
-      out_BxQxHxE = jnp.einsum('bhqk,bkhe->bqhe', weights_BxHxQxK, v_BxKxGxE)
-    else:
-      weights_BxGxRxQxK = weights_BxHxQxK.reshape(batch, num_kv_heads, groups, num_q, num_k)
-      out_BxQxHxE = jnp.einsum('bgrqk,bkge->bqgre', weights_BxGxRxQxK, v_BxKxGxE)
-    out_BxQxD = out_BxQxHxE.reshape(batch, num_q, d_model)
-    return dense(d_model, ('heads', 'embed'), self.dtype, 'out', use_bias=self.use_bias)(out_BxQxD)
+      return jnp.einsum('bhqk,bkhe->bqhe', dropped_BxHxQxK, v_BxKxGxE), weights_BxHxQxK
+    dropped_BxGxRxQxK = dropped_BxHxQxK.reshape(batch, num_kv_heads, groups, num_q, num_k)
+    return jnp.einsum('bgrqk,bkge->bqgre', dropped_BxGxRxQxK, v_BxKxGxE).reshape(
+        batch, num_q, num_heads, head_dim), weights_BxHxQxK
 
   def _update_cache(self, k_BxQxHxE, v_BxQxHxE, cache_slot, cache_index):
     """Writes the new keys/values at slot `cache_slot` and returns the whole cache.
@@ -131,10 +156,12 @@ class DecodeCursor(nn.Module):
 
   Given the validity of Q new tokens, returns their first cache slot, their positions (pads
   between a prompt and its continuation do not advance positions), the [B, 1, Q, C]
-  self-attention mask over the cache, for the 'causal' or 'prefix' mask kind, and the positions
-  of every cached key [B, C] (for position-dependent logit biases).
+  self-attention mask over the cache, for the 'causal' or 'prefix' mask kind (with local
+  attention's window over positions), and the positions of every cached key [B, C] (for
+  position-dependent logit biases).
   """
   kind: str
+  window: Optional[int] = None  # local attention: only keys fewer positions away than this
 
   @nn.compact
   def __call__(self, valid_BxQ: Array, prefix_len_B: Optional[Array] = None):
@@ -165,5 +192,7 @@ class DecodeCursor(nn.Module):
       structure = masks.prefix_lm_mask(prefix_len_B, q_slots_Q, kv_slots_C)
     else:
       raise ValueError(f'Cannot decode incrementally with mask kind {self.kind!r}')
-    mask = masks.combine(masks.padding_mask(kv_valid_BxC), structure)
+    local = None if self.window is None else masks.window_mask(positions_BxQ, kv_positions_BxC,
+                                                                self.window)
+    mask = masks.combine(masks.padding_mask(kv_valid_BxC), structure, local)
     return q_slots_Q[0], positions_BxQ, mask, kv_positions_BxC

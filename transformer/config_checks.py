@@ -13,7 +13,7 @@ import math
 
 import jax
 
-from transformer import errors, norms, optim, positions, sharding, variants
+from transformer import attention_kinds, errors, norms, optim, positions, sharding, variants
 from transformer.data import pipelines, tokenizer
 from transformer.layers import ACTIVATIONS, FFN_KINDS
 
@@ -29,7 +29,8 @@ def _choices() -> dict[str, tuple[str, ...]]:
   return dict(variant=tuple(variants.VARIANTS), schedule=optim.SCHEDULES,
               optimizer=optim.OPTIMIZERS, on_nonfinite=ON_NONFINITE, positional=positions.KINDS,
               sinusoidal_layout=positions.SINUSOIDAL_LAYOUTS, activation=tuple(ACTIVATIONS),
-              tokenizer=tokenizer.TOKENIZERS, norm=norms.KINDS, ffn=FFN_KINDS)
+              tokenizer=tokenizer.TOKENIZERS, norm=norms.KINDS, ffn=FFN_KINDS,
+              attention_kind=attention_kinds.KINDS)
 
 
 def _problems(config) -> list[str]:
@@ -42,6 +43,8 @@ def _problems(config) -> list[str]:
     problems.append(f'config.num_heads={config.num_heads} is not divisible by '
                     f'config.num_kv_heads={config.num_kv_heads} (each key/value head serves a '
                     'group of query heads).')
+  if config.attention_kind == 'local' and config.attention_window < 1:
+    problems.append(f'config.attention_window={config.attention_window} must be at least 1.')
   if config.batch_size % config.grad_accum_steps:
     problems.append(f'config.batch_size={config.batch_size} is not divisible by '
                     f'config.grad_accum_steps={config.grad_accum_steps}.')

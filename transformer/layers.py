@@ -10,7 +10,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from transformer import norms, positions
+from transformer import attention_kinds, norms, positions
 from transformer.attention import MultiHeadAttention, dense
 
 Array = jnp.ndarray
@@ -50,6 +50,8 @@ class ModelConfig:
   embedding_norm: bool = False
   embedding_dim: Optional[int] = None
   share_layers: bool = False
+  attention_kind: str = 'full'
+  attention_window: int = 128
   logits_bias: bool = False
   output_rsqrt_scale: bool = False
   dtype: Any = jnp.float32
@@ -59,6 +61,11 @@ class ModelConfig:
     fields = {f.name for f in dataclasses.fields(cls)} - {'vocab_size', 'dtype'}
     return cls(vocab_size=vocab_size, dtype=jnp.dtype(config.dtype),
                **{name: config[name] for name in fields})
+
+
+def local_window(cfg: ModelConfig) -> Optional[int]:
+  """The window of local self-attention, or None for full attention (attention_kinds.py)."""
+  return cfg.attention_window if cfg.attention_kind == 'local' else None
 
 
 def norm(name: str, cfg: ModelConfig) -> nn.Module:
@@ -173,6 +180,7 @@ class Block(nn.Module):
   """
   cfg: ModelConfig
   cross_attention: bool = False
+  causal: bool = False  # its self-attention is causal (local attention reads no later block)
 
   def _residual(self, x_BxLxD, sublayer, name, deterministic):
     cfg = self.cfg
@@ -200,7 +208,8 @@ class Block(nn.Module):
           num_kv_heads=cfg.num_kv_heads, scale_logits=cfg.scale_attention,
           qk_norm=cfg.norm if cfg.qk_norm else None, norm_epsilon=cfg.norm_epsilon,
           rope_theta=cfg.rope_theta if positional and cfg.positional == positions.ROTARY
-          else None, name=name)
+          else None, attention_window=local_window(cfg) if positional else None,
+          causal=self.causal, name=name)
 
     x_BxLxD = self._residual(
         x_BxLxD, lambda h: attention('self_attention', True)(
@@ -234,19 +243,26 @@ class Stack(nn.Module):
                deterministic=True, decode=False, cache_slot=None, positions_BxL=None,
                kv_positions_BxK=None):
     cfg = self.cfg
+    q_positions = positions_BxL
     if kv_positions_BxK is None:  # Not decoding: the keys are the queries.
       kv_positions_BxK = positions_BxL
+      if local_window(cfg):  # the biases of local attention's blocks (attention_kinds.py)
+        q_idx_NxW, kv_idx_NxK = attention_kinds.local_blocks(
+            positions_BxL.shape[1], cfg.attention_window, self.causal)
+        q_positions, kv_positions_BxK = (
+            attention_kinds.fold(attention_kinds.gather_blocks(positions_BxL, idx))
+            for idx in (q_idx_NxW, kv_idx_NxK))
     logit_bias = None
     if cfg.positional == 'relative_bias':
       logit_bias = positions.RelativeBias(
           cfg.num_heads, cfg.relative_buckets, cfg.relative_max_distance,
-          bidirectional=not self.causal, name='relative_bias')(positions_BxL, kv_positions_BxK)
+          bidirectional=not self.causal, name='relative_bias')(q_positions, kv_positions_BxK)
     elif cfg.positional == 'alibi':
-      logit_bias = positions.alibi_bias(positions_BxL, kv_positions_BxK, cfg.num_heads)
+      logit_bias = positions.alibi_bias(q_positions, kv_positions_BxK, cfg.num_heads)
     if cfg.share_layers:
-      blocks = [Block(cfg, self.cross_attention, name='layer')] * self.num_layers
+      blocks = [Block(cfg, self.cross_attention, self.causal, name='layer')] * self.num_layers
     else:
-      blocks = [Block(cfg, self.cross_attention, name=f'layer_{i}')
+      blocks = [Block(cfg, self.cross_attention, self.causal, name=f'layer_{i}')
                 for i in range(self.num_layers)]
     for i, block in enumerate(blocks):
       x_BxLxD = block(

@@ -17,7 +17,10 @@ functions serve training (queries 0..L-1) and incremental decoding (one query at
 
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
+
+from transformer import attention_kinds
 
 Array = jnp.ndarray
 
@@ -67,32 +70,66 @@ def combine(*masks: Optional[Array]) -> Optional[Array]:
   return out
 
 
+def window_mask(q_pos: Array, kv_pos: Array, window: int) -> Array:
+  """Keys fewer than `window` positions from the query: |q - k| < window (local attention).
+  q_pos [Q] or [B, Q], kv_pos [K] or [B, K] -> [1 or B, 1, Q, K]."""
+  q_pos, kv_pos = jnp.atleast_2d(q_pos), jnp.atleast_2d(kv_pos)
+  return (jnp.abs(q_pos[:, :, None] - kv_pos[:, None, :]) < window)[:, None]
+
+
 def self_attention_mask(kind: str, valid_BxL: Array, *, prefix_len_B: Optional[Array] = None,
                         in_prefix_BxL: Optional[Array] = None,
-                        segment_ids_BxL: Optional[Array] = None) -> Array:
-  """The full self-attention mask of a training (non-incremental) pass over L tokens.
+                        segment_ids_BxL: Optional[Array] = None,
+                        q_idx_Q: Optional[Array] = None, kv_idx_K: Optional[Array] = None,
+                        window: Optional[int] = None) -> Array:
+  """The self-attention mask of a training (non-incremental) pass over L tokens.
 
   kind: 'bidirectional' (encoders, bert_mlm), 'causal' (decoders, gpt_causal) or 'prefix'
   (unilm_prefix: needs prefix_len [B], or for packed rows in_prefix [B, L], the source tokens).
-  valid [B, L] marks real (non-padding) tokens. -> broadcastable to [B, 1, L, L].
+  valid [B, L] marks real (non-padding) tokens. window: only keys fewer than `window` tokens
+  away. q_idx [Q], kv_idx [K]: the indices of the queries and keys to compare (default: all L
+  for both; local attention asks for one block at a time), an index outside [0, L) being a key
+  that does not exist. -> broadcastable to [B, 1, Q, K].
   """
-  idx_L = jnp.arange(valid_BxL.shape[1])
+  length = valid_BxL.shape[1]
+  if kv_idx_K is None:  # every query against every key
+    q_idx_Q = kv_idx_K = jnp.arange(length)
+    at = lambda x_BxL, idx: x_BxL
+  else:  # the given indices only (both given)
+    at = lambda x_BxL, idx: x_BxL[:, jnp.clip(idx, 0, length - 1)]
+    exists_K = (kv_idx_K >= 0) & (kv_idx_K < length)
+    valid_BxL = at(valid_BxL, kv_idx_K) & exists_K[None, :]
   if kind == 'bidirectional':
     structure = None
   elif kind == 'causal':
-    structure = causal_mask(idx_L, idx_L)
+    structure = causal_mask(q_idx_Q, kv_idx_K)
   elif kind == 'prefix':
     if prefix_len_B is not None:
-      structure = prefix_lm_mask(prefix_len_B, idx_L, idx_L)
+      structure = prefix_lm_mask(prefix_len_B, q_idx_Q, kv_idx_K)
     elif in_prefix_BxL is not None:
-      structure = source_prefix_mask(in_prefix_BxL, idx_L, idx_L)
+      structure = source_prefix_mask(at(in_prefix_BxL, kv_idx_K), q_idx_Q, kv_idx_K)
     else:
       raise ValueError("mask kind 'prefix' needs prefix_len (or in_prefix for packed rows)")
   else:
     raise ValueError(f'Unknown mask kind {kind!r}; expected bidirectional, causal or prefix.')
   segments = (None if segment_ids_BxL is None
-              else segment_mask(segment_ids_BxL, segment_ids_BxL))
-  return combine(padding_mask(valid_BxL), structure, segments)
+              else segment_mask(at(segment_ids_BxL, q_idx_Q), at(segment_ids_BxL, kv_idx_K)))
+  local = None if window is None else window_mask(q_idx_Q, kv_idx_K, window)
+  return combine(padding_mask(valid_BxL), structure, segments, local)
+
+
+def local_self_attention_mask(kind: str, valid_BxL: Array, window: int, **parts) -> Array:
+  """self_attention_mask with the window, for each block of a local pass (attention_kinds.py):
+  [B * N, 1, W, K], row b * N + n for block n of row b. parts: prefix_len_B, in_prefix_BxL,
+  segment_ids_BxL."""
+  q_idx_NxW, kv_idx_NxK = attention_kinds.local_blocks(valid_BxL.shape[1], window,
+                                                       causal=kind == 'causal')
+  batch, (num_q, num_k) = valid_BxL.shape[0], (q_idx_NxW.shape[1], kv_idx_NxK.shape[1])
+  one_block = lambda q_idx_W, kv_idx_K: jnp.broadcast_to(
+      self_attention_mask(kind, valid_BxL, q_idx_Q=q_idx_W, kv_idx_K=kv_idx_K, window=window,
+                          **parts), (batch, 1, num_q, num_k))
+  mask_BxNx1xWxK = jax.vmap(one_block, out_axes=1)(q_idx_NxW, kv_idx_NxK)
+  return attention_kinds.fold(mask_BxNx1xWxK)
 
 
 def cross_attention_mask(kv_valid_BxK: Array, q_segment_ids_BxQ: Optional[Array] = None,

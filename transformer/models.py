@@ -17,10 +17,18 @@ import jax.numpy as jnp
 
 from transformer import masks, norms
 from transformer.attention import DecodeCursor, dense
-from transformer.layers import Embedder, ModelConfig, Stack, activation_fn, norm
+from transformer.layers import Embedder, ModelConfig, Stack, activation_fn, local_window, norm
 from transformer.special_ids import PAD_ID
 
 Array = jnp.ndarray
+
+
+def self_attention_mask(cfg: ModelConfig, kind: str, valid_BxL: Array, **parts) -> Array:
+  """The self-attention mask of a training pass: the whole [B, 1, L, L] for full attention, the
+  blocks' [B * N, 1, W, K] for local attention (attention_kinds.py)."""
+  if cfg.attention_kind == 'local':
+    return masks.local_self_attention_mask(kind, valid_BxL, cfg.attention_window, **parts)
+  return masks.self_attention_mask(kind, valid_BxL, **parts)
 
 
 def default_positions(ids_BxL: Array) -> Array:
@@ -67,15 +75,15 @@ class EncoderDecoder(nn.Module):
     self.encoder = Stack(cfg, cfg.num_layers)
     self.decoder = Stack(cfg, cfg.num_decoder_layers, cross_attention=True, causal=True)
     self.output_head = OutputHead(cfg)
-    self.cursor = DecodeCursor('causal')  # Holds variables only when decoding.
+    self.cursor = DecodeCursor('causal', local_window(cfg))  # Variables only when decoding.
 
   def encode(self, inputs_BxS, inputs_positions_BxS=None, inputs_segment_ids_BxS=None, *,
              deterministic=True) -> Array:
     positions = (default_positions(inputs_BxS) if inputs_positions_BxS is None
                  else inputs_positions_BxS)
     x_BxSxD = self.source_embedder(inputs_BxS, positions, None, deterministic=deterministic)
-    mask = masks.self_attention_mask('bidirectional', inputs_BxS != PAD_ID,
-                                     segment_ids_BxL=inputs_segment_ids_BxS)
+    mask = self_attention_mask(self.cfg, 'bidirectional', inputs_BxS != PAD_ID,
+                               segment_ids_BxL=inputs_segment_ids_BxS)
     return self.encoder(x_BxSxD, mask, deterministic=deterministic, positions_BxL=positions)
 
   def decode(self, encoded_BxSxD, inputs_BxS, decoder_inputs_BxT, decoder_positions_BxT=None,
@@ -90,8 +98,8 @@ class EncoderDecoder(nn.Module):
     else:
       positions = (default_positions(decoder_inputs_BxT) if decoder_positions_BxT is None
                    else decoder_positions_BxT)
-      self_mask = masks.self_attention_mask('causal', valid_BxT,
-                                            segment_ids_BxL=decoder_segment_ids_BxT)
+      self_mask = self_attention_mask(self.cfg, 'causal', valid_BxT,
+                                      segment_ids_BxL=decoder_segment_ids_BxT)
     cross_mask = masks.cross_attention_mask(inputs_BxS != PAD_ID, decoder_segment_ids_BxT,
                                             inputs_segment_ids_BxS)
     y_BxTxD = self.target_embedder(decoder_inputs_BxT, positions, None,
@@ -149,7 +157,7 @@ class SingleStack(nn.Module):
     self.embedder = Embedder(self.cfg)
     self.stack = Stack(self.cfg, self.cfg.num_layers, causal=self.mask_kind == 'causal')
     self.output_head = MlmHead(self.cfg) if self.head == 'mlm' else OutputHead(self.cfg)
-    self.cursor = DecodeCursor(self.mask_kind)  # Holds variables only when decoding.
+    self.cursor = DecodeCursor(self.mask_kind, local_window(self.cfg))  # Only when decoding.
 
   @staticmethod
   def batch_arguments(batch: dict) -> tuple[tuple, dict]:
@@ -173,8 +181,8 @@ class SingleStack(nn.Module):
       positions = default_positions(inputs_BxL) if positions is None else positions
       # Packed prefix-LM rows carry no prefix_len: each example's source has token type 0.
       in_prefix = None if token_types is None else (token_types == 0) & valid_BxL
-      mask = masks.self_attention_mask(self.mask_kind, valid_BxL, prefix_len_B=prefix_len,
-                                       in_prefix_BxL=in_prefix, segment_ids_BxL=segment_ids)
+      mask = self_attention_mask(self.cfg, self.mask_kind, valid_BxL, prefix_len_B=prefix_len,
+                                 in_prefix_BxL=in_prefix, segment_ids_BxL=segment_ids)
     x_BxLxD = self.embedder(inputs_BxL, positions, token_types, deterministic=deterministic)
     x_BxLxD = self.stack(x_BxLxD, mask, deterministic=deterministic, decode=decode,
                          cache_slot=cache_slot, positions_BxL=positions,

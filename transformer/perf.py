@@ -8,26 +8,37 @@ import jax.numpy as jnp
 from transformer import variants
 
 
+def keys_per_query(config, length: int, causal: bool) -> int:
+  """The keys each query's self-attention computes scores for: all `length`, or local
+  attention's blocks (2 windows if causal, else 3; attention_kinds.py)."""
+  if config.attention_kind == 'local':
+    return min(length, (2 if causal else 3) * config.attention_window)
+  return length
+
+
 def forward_flops(config, vocab_size: int, batch: dict) -> float:
   """Matmul FLOPs of one forward pass over `batch`'s padded shapes (attention included).
 
   Per token and layer: 2 * (2 D^2 + 2 D D_kv) for the projections (D_kv = the key/value heads'
   width: D without grouped-query attention), 2 * 2 D F for the feed-forward (2 * 3 D F gated),
-  plus 2 * 2 * K * D for the attention scores and weighted sum over K keys; cross-attention adds
-  its projections and 4 * S * D; the output layer 2 * D * V per token.
+  plus 2 * 2 * K * D for the attention scores and weighted sum over K keys (keys_per_query);
+  cross-attention adds its projections and 4 * S * D; the output layer 2 * D * V per token.
   """
   d, f = config.d_model, config.d_ff
   d_kv = (config.num_kv_heads or config.num_heads) * (d // config.num_heads)
   attention = 2 * (2 * d * d + 2 * d * d_kv)
   block = attention + 2 * (3 if config.ffn == 'gated' else 2) * d * f
-  if variants.get(config.variant).encoder_decoder:
+  variant = variants.get(config.variant)
+  if variant.encoder_decoder:
     b, s = batch['inputs'].shape
     t = batch['decoder_inputs'].shape[1]
-    encoder = b * s * config.num_layers * (block + 4 * s * d)
-    decoder = b * t * config.num_decoder_layers * (block + 4 * t * d + attention + 4 * s * d)
+    encoder = b * s * config.num_layers * (block + 4 * keys_per_query(config, s, False) * d)
+    decoder = b * t * config.num_decoder_layers * (
+        block + 4 * keys_per_query(config, t, True) * d + attention + 4 * s * d)
     return float(encoder + decoder + b * t * 2 * d * vocab_size)
   b, length = batch['inputs'].shape
-  return float(b * length * (config.num_layers * (block + 4 * length * d) + 2 * d * vocab_size))
+  keys = keys_per_query(config, length, variant.model_kwargs.get('mask_kind') == 'causal')
+  return float(b * length * (config.num_layers * (block + 4 * keys * d) + 2 * d * vocab_size))
 
 
 def train_step_flops(config, vocab_size: int, batch: dict) -> float:
