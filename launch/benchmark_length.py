@@ -2,6 +2,8 @@ r"""Train-step time and memory against sequence length, for each attention kind.
 
   python -m launch.benchmark_length --config=configs/gpt_causal.py:small \
       --lengths=256,512,1024,2048,4096,8192 --kinds=full,local --out=runs/length_scaling
+  python -m launch.benchmark_length --config=configs/bert_mlm.py:small --config.packing=False \
+      --kinds=full,local,low_rank --out=runs/length_scaling_bert
 
 The token budget per step is fixed (--tokens_per_step; batch = budget / length), so a kind whose
 cost grows as L^2 shows it, and one that grows as L stays flat per token. For each (kind, length):
@@ -48,6 +50,8 @@ def measure(config, length: int) -> dict:
   optimizer = optim.make_optimizer(config)
   ids = np.random.default_rng(0).integers(4, VOCAB, (batch_size, length), dtype=np.int32)
   batch = dict(inputs=ids, targets=ids, weights=np.ones(ids.shape, np.float32))
+  if config.num_token_types:
+    batch['token_types'] = np.zeros_like(ids)
   _, shardings = train.abstract_state(model, optimizer, config, batch, mesh)
   state = train.create_state(model, optimizer, config, batch, shardings)
   step = train.jit_train_step(model, optimizer, config, mesh, shardings)

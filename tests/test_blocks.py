@@ -148,6 +148,32 @@ def test_local_attention_matches_oracle_with_a_window(causal):
                              rtol=1e-4, atol=1e-5)
 
 
+def test_low_rank_attention_matches_the_linformer_formula():
+  """softmax(Q (E_k K)^T / sqrt(E)) (E_v V) per head, E_k and E_v [r, max_len] sliced to the L
+  keys, padding keys zeroed before the projection (grouped-query heads)."""
+  rng = np.random.default_rng(0)
+  length, rank, max_len = 7, 3, 10
+  x = rng.normal(size=(2, length, 16)).astype(np.float32)
+  valid = np.ones((2, length), bool)
+  valid[1, 5:] = False
+  mask = jnp.asarray(valid[:, None, None, :])
+  layer = MultiHeadAttention(num_heads=4, num_kv_heads=2, low_rank_dim=rank, max_len=max_len)
+  params = randomize(unbox_init(layer, x, x, mask, deterministic=True))
+  out = layer.apply({'params': params}, x, x, mask, deterministic=True)
+  w = {k: np.asarray(params[k]['kernel']) for k in ('query', 'key', 'value', 'out')}
+  e_k = np.asarray(params['key_length_projection'])[:, :length]
+  e_v = np.asarray(params['value_length_projection'])[:, :length]
+  heads = []
+  for b in range(2):
+    q = (x[b] @ w['query']).reshape(length, 4, 4)
+    k = ((x[b] * valid[b, :, None]) @ w['key']).reshape(length, 2, 4)
+    v = ((x[b] * valid[b, :, None]) @ w['value']).reshape(length, 2, 4)
+    k_r, v_r = np.einsum('rk,kge->rge', e_k, k), np.einsum('rk,kge->rge', e_v, v)
+    heads.append(np.concatenate([softmax(q[:, h] @ k_r[:, h // 2].T / 2.0) @ v_r[:, h // 2]
+                                 for h in range(4)], -1) @ w['out'])
+  np.testing.assert_allclose(out, np.stack(heads), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize('packed', [False, True], ids=['prefix_len', 'packed'])
 def test_local_prefix_lm_equals_full_attention_under_the_window(packed, monkeypatch):
   """unilm_prefix with local attention equals the same model with full attention whose mask also
@@ -309,6 +335,8 @@ def test_parameter_counts_of_each_switch():
   assert count(positional='rotary') == base - 64 * d
   assert count(positional='relative_bias') == base - 64 * d + 32 * heads  # one table per stack
   assert count(attention_bias=True) == base + layers * 4 * d
+  assert count(attention_kind='local') == base
+  assert count(attention_kind='low_rank', low_rank_dim=5) == base + layers * 2 * 5 * 64  # E_k, E_v
 
 
 # --- ALBERT: factorised embeddings and one layer shared by every depth ----------------------------

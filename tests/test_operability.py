@@ -97,6 +97,9 @@ def resumable(trained, tmp_path) -> str:
     (dict(ffn='moe'), "config.ffn='moe' is not one of dense, gated"),
     (dict(num_heads=4, num_kv_heads=3), 'config.num_heads=4 is not divisible by '
                                         'config.num_kv_heads=3'),
+    (dict(attention_kind='low_rank'), 'not variant=original, packing=False, '
+                                      'positional=sinusoidal'),
+    (dict(attention_kind='sparse'), "config.attention_kind='sparse' is not one of full, local"),
 ], ids=lambda x: ','.join(x) if isinstance(x, dict) else None)
 def test_config_mistakes_are_named_without_devices(overrides, expected):
   with pytest.raises(errors.ConfigError, match=re.escape(expected)):

@@ -40,6 +40,8 @@ class MultiHeadAttention(nn.Module):
   attention_window (self-attention, not decoding): local attention computed block by block
   (attention_kinds.py); the caller's mask and logit bias are then those of the blocks
   ([B * N, 1, W, K] and [B * N, H, W, K]), and `causal` says which key blocks a block reads.
+  low_rank_dim (bidirectional self-attention): Linformer's projection of the keys and values
+  along the sequence (_project_length).
   """
   num_heads: int
   dropout_rate: float = 0.0
@@ -52,6 +54,8 @@ class MultiHeadAttention(nn.Module):
   rope_theta: Optional[float] = None  # Rotary positions with this base (None: no rotation).
   attention_window: Optional[int] = None  # Local attention over this window (None: full).
   causal: bool = False  # Local attention: no key block after the query block is read.
+  low_rank_dim: Optional[int] = None  # Linformer: keys and values projected to this many rows.
+  max_len: int = 0  # low_rank_dim: the longest sequence its length projections take.
 
   @nn.compact
   def __call__(self, x_BxQxD: Array, kv_BxKxD: Array, mask_Bx1xQxK: Optional[Array], *,
@@ -85,6 +89,9 @@ class MultiHeadAttention(nn.Module):
 
     if decode:
       k_BxKxGxE, v_BxKxGxE = self._update_cache(k_BxKxGxE, v_BxKxGxE, cache_slot, cache_index)
+    if self.low_rank_dim:  # every query reads the r projected rows: no mask is left to apply
+      k_BxKxGxE, v_BxKxGxE = self._project_length(k_BxKxGxE, v_BxKxGxE, mask_Bx1xQxK)
+      mask_Bx1xQxK = None
     if self.attention_window and not decode:  # local: the same attention, a block at a time
       length = q_BxQxHxE.shape[1]
       q_idx_NxW, kv_idx_NxK = attention_kinds.local_blocks(length, self.attention_window,
@@ -102,6 +109,27 @@ class MultiHeadAttention(nn.Module):
       self.sow('intermediates', 'attention_weights', weights_BxHxQxK)  # For visualization.
     out_BxQxD = out_BxQxHxE.reshape(*out_BxQxHxE.shape[:2], d_model)
     return dense(d_model, ('heads', 'embed'), self.dtype, 'out', use_bias=self.use_bias)(out_BxQxD)
+
+  def _project_length(self, k_BxKxGxE, v_BxKxGxE, mask_Bx1xQxK):
+    """Linformer: K' = E_k K and V' = E_v V, with learned E [r, max_len] (one per layer for keys
+    and one for values, shared by the heads) sliced to the K keys; padding keys (those no query
+    may read) are zeroed first, so they add nothing to the projected rows. -> [B, r, G, E] each.
+    """
+    length = k_BxKxGxE.shape[1]
+    if length > self.max_len:
+      raise ValueError(f'low-rank attention over {length} keys: its projections take at most '
+                       f'max_len={self.max_len}')
+    keep_BxK = (jnp.ones(k_BxKxGxE.shape[:2], bool) if mask_Bx1xQxK is None
+                else jnp.any(mask_Bx1xQxK, axis=(1, 2)))
+    keep_BxKx1x1 = keep_BxK[:, :, None, None].astype(k_BxKxGxE.dtype)
+    init = nn.with_logical_partitioning(xavier, (None, None))
+    projected = []
+    for name, x_BxKxGxE in (('key_length_projection', k_BxKxGxE),
+                            ('value_length_projection', v_BxKxGxE)):
+      e_RxM = self.param(name, init, (self.low_rank_dim, self.max_len), jnp.float32)
+      projected.append(jnp.einsum('rk,bkge->brge', e_RxM[:, :length].astype(self.dtype),
+                                  x_BxKxGxE * keep_BxKx1x1))
+    return tuple(projected)
 
   def _attend(self, q_BxQxHxE, k_BxKxGxE, v_BxKxGxE, mask_Bx1xQxK, logit_bias_BxHxQxK,
               deterministic):

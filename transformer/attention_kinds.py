@@ -7,6 +7,10 @@
           each block against the keys of its own block and the one before it (causal) or the
           ones on either side (bidirectional), which hold every key within the window. Logits
           take [B, H, L, 2w or 3w]: memory grows as L * w, not as L^2.
+  low_rank  Linformer: keys and values projected along the sequence to low_rank_dim rows by
+          learned [low_rank_dim, max_len] matrices, so logits take [B, H, L, low_rank_dim].
+          Every projected row mixes every position, so there is no causal or packed form:
+          bidirectional stacks without packing only (bert_mlm), refused elsewhere.
 
 A local pass uses the ordinary mask, evaluated on each block's query and key indices, and'ed
 with the window (masks.local_self_attention_mask); position-dependent logit biases (T5's,
@@ -15,7 +19,7 @@ ALiBi) are computed on the same blocks. Cached decoding reads the cache under th
 
 import numpy as np
 
-KINDS = ('full', 'local')
+KINDS = ('full', 'local', 'low_rank')
 
 
 def local_blocks(length: int, window: int, causal: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -45,6 +45,15 @@ def _problems(config) -> list[str]:
                     'group of query heads).')
   if config.attention_kind == 'local' and config.attention_window < 1:
     problems.append(f'config.attention_window={config.attention_window} must be at least 1.')
+  if config.attention_kind == 'low_rank':
+    mask_kind = variants.get(config.variant).model_kwargs.get('mask_kind')
+    if mask_kind != 'bidirectional' or config.packing or config.positional not in (
+        'sinusoidal', 'learned'):
+      problems.append(
+          'config.attention_kind=low_rank mixes every position of a row into each projected '
+          'key: it needs a bidirectional variant (bert_mlm), packing=False and absolute '
+          f'positions (sinusoidal or learned), not variant={config.variant}, '
+          f'packing={config.packing}, positional={config.positional}.')
   if config.batch_size % config.grad_accum_steps:
     problems.append(f'config.batch_size={config.batch_size} is not divisible by '
                     f'config.grad_accum_steps={config.grad_accum_steps}.')

@@ -52,6 +52,7 @@ class ModelConfig:
   share_layers: bool = False
   attention_kind: str = 'full'
   attention_window: int = 128
+  low_rank_dim: int = 64
   logits_bias: bool = False
   output_rsqrt_scale: bool = False
   dtype: Any = jnp.float32
@@ -209,7 +210,9 @@ class Block(nn.Module):
           qk_norm=cfg.norm if cfg.qk_norm else None, norm_epsilon=cfg.norm_epsilon,
           rope_theta=cfg.rope_theta if positional and cfg.positional == positions.ROTARY
           else None, attention_window=local_window(cfg) if positional else None,
-          causal=self.causal, name=name)
+          causal=self.causal, low_rank_dim=cfg.low_rank_dim
+          if positional and cfg.attention_kind == 'low_rank' else None, max_len=cfg.max_len,
+          name=name)
 
     x_BxLxD = self._residual(
         x_BxLxD, lambda h: attention('self_attention', True)(

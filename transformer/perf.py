@@ -9,10 +9,12 @@ from transformer import variants
 
 
 def keys_per_query(config, length: int, causal: bool) -> int:
-  """The keys each query's self-attention computes scores for: all `length`, or local
-  attention's blocks (2 windows if causal, else 3; attention_kinds.py)."""
+  """The keys each query's self-attention computes scores for: all `length`, local attention's
+  blocks (2 windows if causal, else 3), or low-rank attention's rows (attention_kinds.py)."""
   if config.attention_kind == 'local':
     return min(length, (2 if causal else 3) * config.attention_window)
+  if config.attention_kind == 'low_rank':
+    return config.low_rank_dim
   return length
 
 
