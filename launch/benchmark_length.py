@@ -40,9 +40,9 @@ flags.DEFINE_string('out', 'runs/length_scaling', 'Folder for the table and the 
 VOCAB = 256
 
 
-def measure(config, length: int) -> dict:
-  """Step time and planned temporary memory of config at `length`."""
-  batch_size = max(1, flags.FLAGS.tokens_per_step // length)
+def compiled_step(config, length: int, tokens_per_step: int):
+  """(compiled train step, state, batch, batch of host arrays) of config at `length`."""
+  batch_size = max(1, tokens_per_step // length)
   config = config.copy_and_resolve_references()
   config.update(block_size=length, max_len=length, batch_size=batch_size)
   mesh = sharding.make_mesh(config, jax.devices()[:1])
@@ -56,7 +56,13 @@ def measure(config, length: int) -> dict:
   state = train.create_state(model, optimizer, config, batch, shardings)
   step = train.jit_train_step(model, optimizer, config, mesh, shardings)
   device_batch = sharding.global_batch(batch, mesh)
-  compiled = step.lower(state, device_batch).compile()
+  return step.lower(state, device_batch).compile(), state, device_batch, batch
+
+
+def measure(config, length: int) -> dict:
+  """Step time and planned temporary memory of config at `length`."""
+  compiled, state, device_batch, batch = compiled_step(config, length,
+                                                       flags.FLAGS.tokens_per_step)
   temp_bytes = compiled.memory_analysis().temp_size_in_bytes
   times = []
   for i in range(flags.FLAGS.warmup_steps + flags.FLAGS.steps):
@@ -66,9 +72,11 @@ def measure(config, length: int) -> dict:
     if i >= flags.FLAGS.warmup_steps:
       times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
+  tokens = batch['inputs'].size
   flops = perf.train_step_flops(config, VOCAB, batch)
-  return dict(batch=batch_size, step_ms=1000 * step_s, tokens_per_s=ids.size / step_s,
-              gflops_per_s=flops / step_s / 1e9, temp_mib=temp_bytes / 2 ** 20)
+  return dict(batch=batch['inputs'].shape[0], step_ms=1000 * step_s,
+              tokens_per_s=tokens / step_s, gflops_per_s=flops / step_s / 1e9,
+              temp_mib=temp_bytes / 2 ** 20)
 
 
 def write_plot(path: epath.Path, rows: list[dict]):

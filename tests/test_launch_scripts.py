@@ -146,3 +146,19 @@ def test_benchmark_memory_fsdp_holds_an_eighth_per_device():
   assert len(set(per_device(replicated))) == 1
   assert per_device(replicated)[0] > 2 * replicated['params_total']  # params + Adam mu, nu
   assert per_device(fsdp).max() / per_device(replicated).max() < 0.2  # ~1/8 (norms replicate)
+
+
+@pytest.mark.parametrize('kind, growth', [('full', (6, 20)), ('local', (0.5, 2)),
+                                          ('low_rank', (0.5, 2))])
+def test_attention_memory_grows_as_each_kind_says(kind, growth):
+  """At a fixed token budget the step's planned memory grows with L for full attention (logits
+  [B, H, L, L]: towards x16 from 64 to 1024 tokens as they come to dominate) and stays about
+  flat for local and low-rank attention (L x window, L x rank)."""
+  from configs import bert_mlm  # pylint: disable=import-outside-toplevel
+  from launch import benchmark_length  # pylint: disable=import-outside-toplevel
+  config = bert_mlm.get_config('tiny')
+  config.update(packing=False, attention_kind=kind, attention_window=16, low_rank_dim=16,
+                num_heads=4, d_model=16)
+  memory = [benchmark_length.compiled_step(config, length, 2048)[0].memory_analysis()
+            .temp_size_in_bytes for length in (64, 1024)]
+  assert growth[0] < memory[1] / memory[0] < growth[1], memory
