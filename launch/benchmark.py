@@ -5,7 +5,8 @@ r"""Train-step speed of a config on this machine: step time, tokens/s, MFU, comp
 
 Batches are real ones from the config's pipeline, fetched and placed on the devices before timing,
 so the numbers are of the step alone. MFU = analytic matmul FLOPs (attention included, backward =
-2 x forward; see transformer/perf.py) per second / the matmul peak measured in this same run.
+2 x forward; see transformer/perf.py) per second / the matmul peak of the config's dtype measured
+in this same run (float32 and bfloat16 peaks are both printed).
 The last line printed is one JSON object.
 """
 
@@ -14,6 +15,7 @@ import resource
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -71,7 +73,9 @@ def main(argv):
   tokens = np.mean([sum(np.count_nonzero(b[k]) for k in ('inputs', 'decoder_inputs') if k in b)
                     for b in timed_local])
   flops = np.mean([perf.train_step_flops(config, vocab, b) for b in timed_local])
-  peak = perf.measure_matmul_peak()
+  peaks = {name: perf.measure_matmul_peak(dtype=jnp.dtype(name))
+           for name in ('float32', 'bfloat16')}
+  peak = peaks[jnp.dtype(config.dtype).name]  # MFU against the peak of the dtype that ran
   params = sum(x.size for x in jax.tree.leaves(state.params))
   result = dict(config=f'{config.variant}:{config.size}', params=int(params),
                 devices=jax.device_count(), platform=jax.devices()[0].platform,
@@ -79,12 +83,15 @@ def main(argv):
                 compile_s=round(compile_s, 2), step_ms=round(1000 * step_s, 2),
                 tokens_per_s=round(float(tokens) / step_s, 1),
                 model_gflops_per_s=round(flops / step_s / 1e9, 2),
-                peak_gflops=round(peak / 1e9, 2), mfu=round(flops / step_s / peak, 4),
+                dtype=jnp.dtype(config.dtype).name,
+                peak_gflops={name: round(p / 1e9, 2) for name, p in peaks.items()},
+                mfu=round(flops / step_s / peak, 4),
                 peak_memory_mb=round(peak_memory_bytes() / 2 ** 20, 1))
   print(f'{result["config"]}: {result["params"]:,} parameters, {result["step_ms"]} ms/step, '
         f'{result["tokens_per_s"]:,} tokens/s, {result["model_gflops_per_s"]} GFLOP/s of '
-        f'{result["peak_gflops"]} measured matmul peak (MFU {result["mfu"]:.1%}), compile '
-        f'{result["compile_s"]} s')
+        f'{peak / 1e9:.2f} measured {result["dtype"]} matmul peak (MFU {result["mfu"]:.1%}; '
+        f'float32 peak {result["peak_gflops"]["float32"]}, bfloat16 '
+        f'{result["peak_gflops"]["bfloat16"]}), compile {result["compile_s"]} s')
   print(json.dumps(result))
 
 

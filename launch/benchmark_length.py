@@ -114,7 +114,8 @@ def main(argv):
   lines = [f'{config.variant}:{config.size}, {flags.FLAGS.tokens_per_step} tokens per step'
            f'{window}; float32 matmul peak {peak / 1e9:.0f} GFLOP/s on {os.cpu_count()} CPU '
            f'core(s) ({jax.devices()[0].platform})', '',
-           '| kind | length | batch | step (ms) | tokens/s | model GFLOP/s | temporary memory (MiB) |',
+           '| kind | length | batch | step (ms) | tokens/s | model GFLOP/s '
+           '| temporary memory (MiB) |',
            '|---|---|---|---|---|---|---|']
   lines += [f'| {r["kind"]} | {r["length"]} | {r["batch"]} | {r["step_ms"]:.1f} | '
             f'{r["tokens_per_s"]:,.0f} | {r["gflops_per_s"]:.1f} | {r["temp_mib"]:,.1f} |'

@@ -53,7 +53,9 @@ def _matmul_flops_per_s(devices, size: int, dtype, repeats: int) -> float:
   mesh = jax.sharding.Mesh(devices, ('d',))
   x = jax.device_put(jax.random.normal(jax.random.key(0), (len(devices), size, size), dtype),
                      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('d')))
-  matmul = jax.jit(lambda m: m @ m)
+  # Low-precision inputs accumulate in float32, as mixed precision runs them (and as XLA:CPU's
+  # fast bfloat16 path needs).
+  matmul = jax.jit(lambda m: jnp.matmul(m, m, preferred_element_type=jnp.float32))
   matmul(x).block_until_ready()  # compile
   best = float('inf')
   for _ in range(repeats):
@@ -64,7 +66,8 @@ def _matmul_flops_per_s(devices, size: int, dtype, repeats: int) -> float:
 
 
 def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
-  """The denominator of MFU: FLOP/s of large jitted matmuls on this process's devices.
+  """The denominator of MFU: FLOP/s of large jitted matmuls of `dtype` inputs (float32
+  accumulation) on this process's devices; MFU is taken against the peak of the dtype that ran.
 
   The larger of one matmul on every local device at once and one on the first device alone:
   fake CPU devices share the same cores, and on them either way can be the faster (one device

@@ -170,7 +170,7 @@ class _Throughput:
 
   def __init__(self, config, vocab_size: int):
     self.config, self.vocab_size = config, vocab_size
-    self.peak_flops = config.peak_flops or perf.measure_matmul_peak()
+    self.peak_flops = config.peak_flops or perf.measure_matmul_peak(dtype=jnp.dtype(config.dtype))
     self.reset()
 
   def reset(self):
