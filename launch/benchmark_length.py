@@ -27,16 +27,6 @@ from ml_collections import config_flags
 
 from transformer import distributed, optim, perf, sharding, train, variants
 
-config_flags.DEFINE_config_file('config', 'configs/gpt_causal.py:small',
-                                'A configs/VARIANT.py:SIZE file (a single-stack variant).',
-                                lock_config=False)
-flags.DEFINE_list('lengths', ['256', '512', '1024', '2048', '4096', '8192'], 'Sequence lengths.')
-flags.DEFINE_list('kinds', ['full', 'local'], 'Attention kinds (attention_kinds.KINDS).')
-flags.DEFINE_integer('tokens_per_step', 8192, 'Tokens per train step: batch = this / length.')
-flags.DEFINE_integer('steps', 3, 'Timed steps per point.')
-flags.DEFINE_integer('warmup_steps', 1, 'Untimed steps after compilation.')
-flags.DEFINE_string('out', 'runs/length_scaling', 'Folder for the table and the plot.')
-
 VOCAB = 256
 
 
@@ -126,5 +116,19 @@ def main(argv):
   print(f'Wrote {out}/length_scaling.md and {out}/length_scaling.png')
 
 
+def define_flags():
+  """The command's flags (defined on running it, so that tests can import the module)."""
+  config_flags.DEFINE_config_file('config', 'configs/gpt_causal.py:small',
+                                  'A configs/VARIANT.py:SIZE file (a single-stack variant).',
+                                  lock_config=False)
+  flags.DEFINE_list('lengths', ['256', '512', '1024', '2048', '4096', '8192'], 'Sequence lengths.')
+  flags.DEFINE_list('kinds', ['full', 'local'], 'Attention kinds (attention_kinds.KINDS).')
+  flags.DEFINE_integer('tokens_per_step', 8192, 'Tokens per train step: batch = this / length.')
+  flags.DEFINE_integer('steps', 3, 'Timed steps per point.')
+  flags.DEFINE_integer('warmup_steps', 1, 'Untimed steps after compilation.')
+  flags.DEFINE_string('out', 'runs/length_scaling', 'Folder for the table and the plot.')
+
+
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
