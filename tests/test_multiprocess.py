@@ -41,6 +41,26 @@ def test_glibc_accepts_every_malloc_setting():
   assert out.stdout.strip() == 'True', out.stderr
 
 
+@pytest.mark.parametrize('backend, cpu_only, events', [
+    ('cpu', True, ['malloc', 'backend']),  # before XLA's threads allocate: where it pays
+    ('cpu', False, ['backend', 'malloc']),  # an accelerator plugin is installed but not used
+    ('gpu', False, ['backend']), ('tpu', False, ['backend'])])
+def test_cpu_tuning_applies_on_the_cpu_backend_only(backend, cpu_only, events):
+  """keep_host_memory's malloc settings serve XLA:CPU; a GPU or TPU run of the same config
+  (its defaults ride along) must run with the platform's malloc."""
+  code = f"""if True:
+    import jax
+    from transformer import distributed
+    events = []
+    distributed.keep_freed_memory = lambda: events.append('malloc') or True
+    distributed.cpu_only_host = lambda: {cpu_only}
+    jax.default_backend = lambda: events.append('backend') or {backend!r}
+    print(distributed.initialize(num_cpu_devices=2, keep_host_memory=True), *events)"""
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                       cwd=rh.ROOT)
+  assert out.stdout.split() == [backend, *events], out.stderr
+
+
 def test_explicit_arguments_are_checked():
   env = dict(JAX_COORDINATOR_ADDRESS='10.0.0.1:1234', JAX_NUM_PROCESSES='4', JAX_PROCESS_ID='2')
   assert distributed.explicit_arguments(env) == dict(

@@ -16,7 +16,10 @@ only) and orbax (all processes write their shards of a checkpoint together).
 """
 
 import ctypes
+import importlib.metadata
+import importlib.util
 import os
+import pkgutil
 import signal
 
 import jax
@@ -92,29 +95,55 @@ def keep_freed_memory() -> bool:
   return all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 
-def initialize(num_cpu_devices: int = -1, keep_host_memory: bool = False):
-  """Starts the distributed runtime when the environment describes several processes.
+def initialize(num_cpu_devices: int = -1, keep_host_memory: bool = False) -> str:
+  """Starts the distributed runtime when the environment describes several processes, then
+  applies the CPU-only settings if the run computes on the CPU backend; returns that backend.
 
-  Call once, before anything touches a device. num_cpu_devices > 0 splits the host CPU into that
-  many JAX devices (config.num_cpu_devices); keep_host_memory applies keep_freed_memory()
-  (config.keep_host_memory); otherwise a no-op for a single process.
+  Call once, before anything touches a device. The CPU-only settings are config.num_cpu_devices
+  (> 0 splits the host CPU into that many JAX devices) and config.keep_host_memory
+  (keep_freed_memory()): tuned for XLA:CPU, they would only cost a GPU or TPU run (malloc's
+  one arena serialises the host threads that feed the accelerator), so there they are left out.
   """
-  if keep_host_memory and not keep_freed_memory():
-    logging.info('keep_host_memory: no glibc malloc here; left as it is.')
-  if num_cpu_devices > 0:
+  if num_cpu_devices > 0:  # read by the CPU client alone, and only when it is created: set now
     jax.config.update('jax_num_cpu_devices', num_cpu_devices)
+  # malloc's settings pay only if made before XLA's threads start allocating: now, where the CPU
+  # is the only backend JAX can start; else once the backend is known (they then help less).
+  kept = keep_host_memory and cpu_only_host() and keep_freed_memory()
   kind = cluster_kind()
-  if kind is None:
-    return
-  kwargs = explicit_arguments() if kind == 'env' else {}
-  # Collectives between CPU devices of different processes (local multi-process runs, tests);
-  # GPU and TPU devices have their own (NCCL, ICI) and ignore this.
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(**kwargs)
-  logging.info('Distributed (%s): process %d of %d; %d local / %d global devices; preemption '
-               'sync service %s.', kind, jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count(),
-               'on' if preemption_service_running() else 'off')
+  if kind is not None:
+    kwargs = explicit_arguments() if kind == 'env' else {}
+    # Collectives between CPU devices of different processes (local multi-process runs, tests);
+    # GPU and TPU devices have their own (NCCL, ICI) and ignore this.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(**kwargs)
+    logging.info('Distributed (%s): process %d of %d; %d local / %d global devices; preemption '
+                 'sync service %s.', kind, jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count(),
+                 'on' if preemption_service_running() else 'off')
+  backend = jax.default_backend()
+  if backend != 'cpu':
+    logging.info('Backend %s: the CPU-only settings (num_cpu_devices, keep_host_memory) are not '
+                 'applied.', backend)
+  elif keep_host_memory and not kept and not keep_freed_memory():
+    logging.info('keep_host_memory: no glibc malloc here; left as it is.')
+  return backend
+
+
+def cpu_only_host() -> bool:
+  """Whether JAX can start no backend but the CPU's, decided before any starts: JAX_PLATFORMS
+  names only cpu, or no accelerator plugin (a jax_plugins package, libtpu) is installed."""
+  platforms = (jax.config.jax_platforms or os.environ.get('JAX_PLATFORMS') or '').strip()
+  if platforms:
+    return platforms == 'cpu'
+  if importlib.metadata.entry_points(group='jax_plugins'):
+    return False
+  if importlib.util.find_spec('libtpu') is not None:
+    return False
+  try:
+    import jax_plugins  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return True
+  return not list(pkgutil.iter_modules(jax_plugins.__path__))
 
 
 def one_computation_at_a_time() -> bool:
