@@ -79,6 +79,7 @@ def write_plot(path: epath.Path, rows: list[dict]):
     ax.set(xscale='log', yscale='log', xlabel='sequence length (fixed tokens per step)',
            ylabel=label)
     ax.legend()
+  fig.tight_layout()
   with path.open('wb') as f:
     fig.savefig(f, format='png', dpi=100)
 
