@@ -101,7 +101,7 @@ class MultiHeadAttention(nn.Module):
           for x, idx in ((q_BxQxHxE, q_idx_NxW), (k_BxKxGxE, kv_idx_NxK),
                          (v_BxKxGxE, kv_idx_NxK)))
       out_NxWxHxE, _ = self._attend(q_NxWxHxE, k_NxKxGxE, v_NxKxGxE, mask_Bx1xQxK,
-                                 logit_bias_BxHxQxK, deterministic)
+                                    logit_bias_BxHxQxK, deterministic)
       out_BxQxHxE = attention_kinds.unfold(out_NxWxHxE, q_BxQxHxE.shape[0])[:, :length]
     else:
       out_BxQxHxE, weights_BxHxQxK = self._attend(q_BxQxHxE, k_BxKxGxE, v_BxKxGxE, mask_Bx1xQxK,
