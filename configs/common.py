@@ -63,6 +63,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.logits_bias = False  # A learned bias on the output logits (Marian's final_logits_bias).
   c.output_rsqrt_scale = False  # Hidden states x d_model^-0.5 before the output projection (T5).
   c.dtype = 'float32'  # Compute dtype: float32 | bfloat16. Parameters stay float32.
+  c.attention_impl = 'xla'  # xla: attention as explicit einsums (weights for plots) | cudnn:
+  # jax.nn.dot_product_attention's cuDNN kernel (GPU) | auto: the best kernel the backend has.
+  # cudnn and auto apply no attention dropout (attention_dropout_rate must be 0).
+  c.remat = 'none'  # Recompute each block's activations in the backward pass instead of storing
+  # them: none | full | dots | dots_no_batch (what is kept; see transformer/layers.py).
 
   # --- Data ----------------------------------------------------------------------------------
   c.dataset = 'multi30k'  # multi30k | tiny_shakespeare | text (your own files, see text_* below).

@@ -100,6 +100,10 @@ def resumable(trained, tmp_path) -> str:
     (dict(attention_kind='low_rank'), 'not variant=original, packing=False, '
                                       'positional=sinusoidal'),
     (dict(attention_kind='sparse'), "config.attention_kind='sparse' is not one of full, local"),
+    (dict(attention_impl='flash'), "config.attention_impl='flash' is not one of xla, cudnn, auto"),
+    (dict(remat='some'), "config.remat='some' is not one of none, full, dots, dots_no_batch"),
+    (dict(attention_impl='cudnn', attention_dropout_rate=0.1),
+     'config.attention_impl=cudnn (jax.nn.dot_product_attention) applies no attention dropout'),
 ], ids=lambda x: ','.join(x) if isinstance(x, dict) else None)
 def test_config_mistakes_are_named_without_devices(overrides, expected):
   with pytest.raises(errors.ConfigError, match=re.escape(expected)):

@@ -23,6 +23,12 @@ def dense(features: int, axes: tuple[str, str], dtype: Any, name: str, use_bias:
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
 
 
+# xla: the einsums of MultiHeadAttention._attend, which also give the attention weights to plots.
+# cudnn | auto: jax.nn.dot_product_attention, cuDNN's fused kernel (GPU) or, for auto, whichever
+# kernel the backend has (XLA's on CPU and TPU). Neither applies attention dropout.
+IMPLS = ('xla', 'cudnn', 'auto')
+
+
 class MultiHeadAttention(nn.Module):
   """softmax(Q K^T / sqrt(E) + bias + mask) V over H heads, then an output projection.
 
@@ -56,6 +62,7 @@ class MultiHeadAttention(nn.Module):
   causal: bool = False  # Local attention: no key block after the query block is read.
   low_rank_dim: Optional[int] = None  # Linformer: keys and values projected to this many rows.
   max_len: int = 0  # low_rank_dim: the longest sequence its length projections take.
+  impl: str = 'xla'  # An IMPLS name: how softmax(Q K^T) V is computed.
 
   @nn.compact
   def __call__(self, x_BxQxD: Array, kv_BxKxD: Array, mask_Bx1xQxK: Optional[Array], *,
@@ -106,7 +113,8 @@ class MultiHeadAttention(nn.Module):
     else:
       out_BxQxHxE, weights_BxHxQxK = self._attend(q_BxQxHxE, k_BxKxGxE, v_BxKxGxE, mask_Bx1xQxK,
                                                   logit_bias_BxHxQxK, deterministic)
-      self.sow('intermediates', 'attention_weights', weights_BxHxQxK)  # For visualization.
+      if weights_BxHxQxK is not None:
+        self.sow('intermediates', 'attention_weights', weights_BxHxQxK)  # For visualization.
     out_BxQxD = out_BxQxHxE.reshape(*out_BxQxHxE.shape[:2], d_model)
     return dense(d_model, ('heads', 'embed'), self.dtype, 'out', use_bias=self.use_bias)(out_BxQxD)
 
@@ -134,7 +142,16 @@ class MultiHeadAttention(nn.Module):
   def _attend(self, q_BxQxHxE, k_BxKxGxE, v_BxKxGxE, mask_Bx1xQxK, logit_bias_BxHxQxK,
               deterministic):
     """softmax(Q K^T (/ sqrt(E)) + bias, where the mask allows) V, query head h reading key/value
-    head h // (H / G). Returns (output, attention weights before dropout)."""
+    head h // (H / G). Returns (output, attention weights before dropout, or None where a fused
+    kernel computed the output: with impl cudnn or auto, unless a caller collects the weights)."""
+    if self.impl != 'xla' and not self.is_mutable_collection('intermediates'):
+      if self.dropout_rate and not deterministic:
+        raise ValueError(f'attention_impl={self.impl} has no attention dropout; use xla.')
+      out_BxQxHxE = jax.nn.dot_product_attention(
+          q_BxQxHxE, k_BxKxGxE, v_BxKxGxE, bias=logit_bias_BxHxQxK, mask=mask_Bx1xQxK,
+          scale=None if self.scale_logits else 1.0,
+          implementation='cudnn' if self.impl == 'cudnn' else None)
+      return out_BxQxHxE, None
     batch, num_q, num_heads, head_dim = q_BxQxHxE.shape
     num_k, num_kv_heads = k_BxKxGxE.shape[1], k_BxKxGxE.shape[2]
     groups = num_heads // num_kv_heads

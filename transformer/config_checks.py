@@ -13,9 +13,10 @@ import math
 
 import jax
 
-from transformer import attention_kinds, errors, norms, optim, positions, sharding, variants
+from transformer import (attention, attention_kinds, errors, norms, optim, positions, sharding,
+                         variants)
 from transformer.data import pipelines, tokenizer
-from transformer.layers import ACTIVATIONS, FFN_KINDS
+from transformer.layers import ACTIVATIONS, FFN_KINDS, REMAT_POLICIES
 
 ON_NONFINITE = ('stop', 'skip')  # what train._check_finite does with a non-finite step
 # Modes that only some variants can do: the Variant attribute that says so.
@@ -30,7 +31,8 @@ def _choices() -> dict[str, tuple[str, ...]]:
               optimizer=optim.OPTIMIZERS, on_nonfinite=ON_NONFINITE, positional=positions.KINDS,
               sinusoidal_layout=positions.SINUSOIDAL_LAYOUTS, activation=tuple(ACTIVATIONS),
               tokenizer=tokenizer.TOKENIZERS, norm=norms.KINDS, ffn=FFN_KINDS,
-              attention_kind=attention_kinds.KINDS)
+              attention_kind=attention_kinds.KINDS, attention_impl=attention.IMPLS,
+              remat=tuple(REMAT_POLICIES))
 
 
 def _problems(config) -> list[str]:
@@ -54,6 +56,10 @@ def _problems(config) -> list[str]:
           'key: it needs a bidirectional variant (bert_mlm), packing=False and absolute '
           f'positions (sinusoidal or learned), not variant={config.variant}, '
           f'packing={config.packing}, positional={config.positional}.')
+  if config.attention_impl != 'xla' and config.attention_dropout_rate:
+    problems.append(f'config.attention_impl={config.attention_impl} (jax.nn.dot_product_attention) '
+                    'applies no attention dropout: set attention_dropout_rate=0 or '
+                    'attention_impl=xla.')
   if config.batch_size % config.grad_accum_steps:
     problems.append(f'config.batch_size={config.batch_size} is not divisible by '
                     f'config.grad_accum_steps={config.grad_accum_steps}.')

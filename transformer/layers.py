@@ -8,6 +8,7 @@ import dataclasses
 from typing import Any, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from transformer import attention_kinds, norms, positions
@@ -53,6 +54,8 @@ class ModelConfig:
   attention_kind: str = 'full'
   attention_window: int = 128
   low_rank_dim: int = 64
+  attention_impl: str = 'xla'
+  remat: str = 'none'
   logits_bias: bool = False
   output_rsqrt_scale: bool = False
   dtype: Any = jnp.float32
@@ -142,6 +145,7 @@ ACTIVATIONS = {
 
 
 def activation_fn(name: str):
+  """The elementwise function called name in ACTIVATIONS (config.activation)."""
   if name not in ACTIVATIONS:
     raise ValueError(f'activation must be one of {", ".join(ACTIVATIONS)}, got {name!r}')
   return ACTIVATIONS[name]
@@ -193,14 +197,16 @@ class Block(nn.Module):
         x_BxLxD + drop(sublayer(x_BxLxD), deterministic=deterministic))
 
   @nn.compact
-  def __call__(self, x_BxLxD: Array, self_mask: Optional[Array], *,
+  def __call__(self, x_BxLxD: Array, self_mask: Optional[Array],
                encoded_BxSxD: Optional[Array] = None, cross_mask: Optional[Array] = None,
                deterministic: bool = True, decode: bool = False,
                cache_slot: Optional[Array] = None, positions_BxL: Optional[Array] = None,
                logit_bias_BxHxLxK: Optional[Array] = None,
                cache_index: Optional[int] = None) -> Array:
     """positions_BxL of x's tokens serve rotary positions; logit_bias_BxHxLxK is added to the
-    self-attention's logits; cache_index keeps one decoding cache per depth of a shared block."""
+    self-attention's logits; cache_index keeps one decoding cache per depth of a shared block.
+    Arguments are positional where Stack calls it, so that remat can hold the Python ones static
+    (BLOCK_STATIC_ARGNUMS)."""
     cfg = self.cfg
 
     def attention(name, positional: bool):
@@ -212,7 +218,7 @@ class Block(nn.Module):
           else None, attention_window=local_window(cfg) if positional else None,
           causal=self.causal, low_rank_dim=cfg.low_rank_dim
           if positional and cfg.attention_kind == 'low_rank' else None, max_len=cfg.max_len,
-          name=name)
+          impl=cfg.attention_impl, name=name)
 
     x_BxLxD = self._residual(
         x_BxLxD, lambda h: attention('self_attention', True)(
@@ -226,6 +232,26 @@ class Block(nn.Module):
               h, encoded_BxSxD, cross_mask, deterministic=deterministic),
           'cross_attention', deterministic)
     return self._residual(x_BxLxD, FeedForward(cfg, name='ffn'), 'ffn', deterministic)
+
+
+# config.remat -> what the backward pass keeps of each block's forward (jax.checkpoint_policies);
+# the rest is recomputed. none: keep everything (no remat); full: keep only the block's inputs;
+# dots: keep every matmul's output; dots_no_batch: keep the projections' and feed-forward's
+# outputs, recompute the attention logits and weights (the part that grows with length squared).
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+BLOCK_STATIC_ARGNUMS = (5, 6, 10)  # deterministic, decode, cache_index (self is 0)
+
+
+def block_type(cfg: ModelConfig, decode: bool) -> type[nn.Module]:
+  """Block, or Block under remat with the config's policy (training and evaluation only)."""
+  if cfg.remat == 'none' or decode:
+    return Block
+  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=BLOCK_STATIC_ARGNUMS)
 
 
 class Stack(nn.Module):
@@ -262,17 +288,15 @@ class Stack(nn.Module):
           bidirectional=not self.causal, name='relative_bias')(q_positions, kv_positions_BxK)
     elif cfg.positional == 'alibi':
       logit_bias = positions.alibi_bias(q_positions, kv_positions_BxK, cfg.num_heads)
+    block = block_type(cfg, decode)
     if cfg.share_layers:
-      blocks = [Block(cfg, self.cross_attention, self.causal, name='layer')] * self.num_layers
+      blocks = [block(cfg, self.cross_attention, self.causal, name='layer')] * self.num_layers
     else:
-      blocks = [Block(cfg, self.cross_attention, self.causal, name=f'layer_{i}')
+      blocks = [block(cfg, self.cross_attention, self.causal, name=f'layer_{i}')
                 for i in range(self.num_layers)]
-    for i, block in enumerate(blocks):
-      x_BxLxD = block(
-          x_BxLxD, self_mask, encoded_BxSxD=encoded_BxSxD, cross_mask=cross_mask,
-          deterministic=deterministic, decode=decode, cache_slot=cache_slot,
-          positions_BxL=positions_BxL, logit_bias_BxHxLxK=logit_bias,
-          cache_index=i if cfg.share_layers else None)
+    for i, layer in enumerate(blocks):
+      x_BxLxD = layer(x_BxLxD, self_mask, encoded_BxSxD, cross_mask, deterministic, decode,
+                      cache_slot, positions_BxL, logit_bias, i if cfg.share_layers else None)
     if cfg.pre_ln:
       x_BxLxD = norm('final_norm', cfg)(x_BxLxD)
     return x_BxLxD
