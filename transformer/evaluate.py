@@ -22,6 +22,7 @@ def eval_step(params, batch: dict, *, model, config) -> dict:
 
 
 def jit_eval_step(model, config, mesh, params_shardings):
+  """eval_step compiled for params laid out as params_shardings and batches split over the mesh."""
   step = functools.partial(eval_step, model=model, config=config)
   return jax.jit(step, in_shardings=(params_shardings, sharding.batch_sharding(mesh)))
 

@@ -32,6 +32,7 @@ def self_attention_mask(cfg: ModelConfig, kind: str, valid_BxL: Array, **parts) 
 
 
 def default_positions(ids_BxL: Array) -> Array:
+  """Positions 0 .. L-1 of every row, for inputs that are not packed."""
   return jnp.broadcast_to(jnp.arange(ids_BxL.shape[1]), ids_BxL.shape)
 
 

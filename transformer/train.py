@@ -29,6 +29,7 @@ class NonFiniteLossError(errors.UserError, FloatingPointError):
 
 @flax.struct.dataclass
 class TrainState:
+  """Everything a run carries from step to step; checkpointed whole."""
   step: jax.Array  # Train steps taken (batches consumed).
   params: Any
   opt_state: Any
@@ -125,6 +126,7 @@ def create_state(model, optimizer, config, example_batch: dict, shardings) -> Tr
 
 
 def jit_train_step(model, optimizer, config, mesh, state_shardings):
+  """train_step compiled over the mesh: (state, batch) -> (state, metrics), the state donated."""
   step = functools.partial(train_step, model=model, optimizer=optimizer, config=config)
   return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, None), donate_argnums=0)

@@ -25,6 +25,7 @@ from transformer.layers import ModelConfig
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
+  """One variant: its model, the objective that makes its batches, and what it can do."""
   model: type[nn.Module]  # models.EncoderDecoder or models.SingleStack
   model_kwargs: dict[str, Any]  # e.g. SingleStack's mask_kind and head
   data: str  # the objective of transformer/data/pipelines.py that makes its batches
@@ -56,6 +57,7 @@ def register(name: str, variant: Variant):
 
 
 def get(name: str) -> Variant:
+  """The registered variant called name (config.variant); ValueError naming the known ones."""
   if name not in VARIANTS:
     raise ValueError(f'Unknown variant {name!r}; expected one of {", ".join(VARIANTS)}.')
   return VARIANTS[name]

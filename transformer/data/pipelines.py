@@ -231,6 +231,10 @@ OBJECTIVES = {'translation': translation, 'prefix_lm': prefix_lm, 'causal_lm': c
 
 
 def get_objective(config, tokenizer: Tokenizer) -> Objective:
+  """The objective that turns config's examples into its variant's batches (variants.Variant.data).
+
+  Raises errors.ConfigError when config.packing is asked of an objective that cannot pack.
+  """
   objective = OBJECTIVES[variants.get(config.variant).data](config, tokenizer)
   if config.packing and not objective.packed:
     packable = ', '.join(name for name, v in variants.VARIANTS.items()

@@ -6,8 +6,15 @@
   gpt2.py    GPT2LMHeadModel              <-> gpt_causal
   llama.py   LlamaForCausalLM             <-> gpt_causal
 
-Each declares its config mapping (refusing, with the field named, what the project cannot
-express) and a table of parameter rules (rules.py); vocab.py relabels the vocabulary into the
+Each family module declares the same names:
+  MODEL_TYPE, ARCHITECTURE, VARIANT                 the Hugging Face names and the project's variant
+  config_from_hf(hf, needs_logits_bias) -> dict     config overrides for a Hugging Face config.json
+  special_ids(hf) -> dict                           its bos, eos and pad ids (vocab.py relabels them)
+  config_to_hf(config, hf_vocab_size, specials)     config.json for export (refusing, with the field
+                                                    named, what the reference cannot express)
+  rules(config) -> list[rules.Rule]                 parameter by parameter: our path, theirs, layout
+
+Refusals name the field the project cannot express; vocab.py relabels the vocabulary into the
 project's special ids; huggingface.py reads and writes the folders. Nothing here imports torch
 unless a checkpoint comes as a PyTorch weights file.
 """
