@@ -68,6 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
   # cudnn and auto apply no attention dropout (attention_dropout_rate must be 0).
   c.remat = 'none'  # Recompute each block's activations in the backward pass instead of storing
   # them: none | full | dots | dots_no_batch (what is kept; see transformer/layers.py).
+  c.scan_layers = False  # Compile one layer scanned over depth (parameters stacked on a leading
+  # axis) instead of each layer: compile time independent of depth, for deep models.
 
   # --- Data ----------------------------------------------------------------------------------
   c.dataset = 'multi30k'  # multi30k | tiny_shakespeare | text (your own files, see text_* below).

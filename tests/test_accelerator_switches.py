@@ -105,3 +105,57 @@ def test_plots_still_get_attention_weights_from_a_fused_model():
   weights = visualize.attention_weights(model, params, ids_1xL)['stack/self_attention']
   assert weights.shape == (config.num_layers, config.num_heads, 8, 8)
   np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+
+
+def stacked(params, num_layers: int):
+  """Unscanned parameters in scan_layers' layout: each stack's layer_0 .. layer_{n-1} stacked
+  into one 'layers' entry along a new leading axis."""
+  if not isinstance(params, dict):
+    return params
+  if 'layer_0' in params:
+    layers = [params[f'layer_{i}'] for i in range(num_layers)]
+    rest = {k: v for k, v in params.items() if not k.startswith('layer_')}
+    return dict(rest, layers=jax.tree.map(lambda *xs: jnp.stack(xs), *layers))
+  return {k: stacked(v, num_layers) for k, v in params.items()}
+
+
+@pytest.mark.parametrize('remat', ['none', 'dots'])
+@pytest.mark.parametrize('case', ['original', 'gpt_relative_bias', 'unilm_prefix'])
+def test_scanned_layers_equal_the_unrolled_stack(case, remat):
+  variant, overrides = CASES[case]
+  config = CONFIGS[variant].get_config('tiny')
+  config.update(overrides)
+  scanned_config = config.copy_and_resolve_references()
+  scanned_config.update(dict(scan_layers=True, remat=remat))
+  model, scanned_model = (variants.build_model(c, VOCAB) for c in (config, scanned_config))
+  batch = batch_for(variant)
+  params = nn.unbox(objectives.init_params(model, batch, jax.random.key(1)))
+  scanned_params = stacked(params, config.num_layers)
+  abstract = jax.eval_shape(lambda: nn.unbox(objectives.init_params(scanned_model, batch,
+                                                                     jax.random.key(1))))
+  assert jax.tree.structure(abstract) == jax.tree.structure(scanned_params)
+
+  def loss_fn(m):
+    def loss(p):
+      logits = objectives.forward(m, p, batch, deterministic=True)
+      loss_sum, metrics = objectives.loss_and_metrics(logits, batch, config.label_smoothing)
+      return loss_sum / metrics['weight']
+    return jax.jit(jax.value_and_grad(loss))
+
+  loss, grads = loss_fn(model)(params)
+  assert_same((loss, stacked(grads, config.num_layers)),
+              loss_fn(scanned_model)(scanned_params), 1e-5)
+
+
+def test_scanned_layers_decode_with_their_cache():
+  from transformer import decode  # pylint: disable=import-outside-toplevel
+  config = gpt_causal.get_config('tiny')
+  config.scan_layers = True
+  model = variants.build_model(config, VOCAB)
+  prompt_BxP = jnp.array([[0, 0, 2, 7, 9], [2, 5, 6, 7, 8]])
+  params = nn.unbox(model.init(jax.random.key(1), prompt_BxP)['params'])
+  cached, recomputed = (decode.generate(model, params, prompt_BxP, max_len=12, cache=cache)
+                        for cache in (True, False))
+  np.testing.assert_array_equal(cached, recomputed)
+  weights = visualize.attention_weights(model, params, prompt_BxP)['stack/self_attention']
+  assert weights.shape == (config.num_layers, config.num_heads, 5, 5)

@@ -102,6 +102,7 @@ def resumable(trained, tmp_path) -> str:
     (dict(attention_kind='sparse'), "config.attention_kind='sparse' is not one of full, local"),
     (dict(attention_impl='flash'), "config.attention_impl='flash' is not one of xla, cudnn, auto"),
     (dict(remat='some'), "config.remat='some' is not one of none, full, dots, dots_no_batch"),
+    (dict(scan_layers=True, share_layers=True), 'config.share_layers has one for all'),
     (dict(attention_impl='cudnn', attention_dropout_rate=0.1),
      'config.attention_impl=cudnn (jax.nn.dot_product_attention) applies no attention dropout'),
 ], ids=lambda x: ','.join(x) if isinstance(x, dict) else None)

@@ -42,7 +42,7 @@ SHAPE_FIELDS = ('variant', 'd_model', 'num_heads', 'num_layers', 'num_decoder_la
                 'positional', 'max_len', 'share_embeddings', 'tie_output', 'num_token_types',
                 'attention_bias', 'embedding_norm', 'logits_bias', 'num_kv_heads', 'ffn',
                 'ffn_bias', 'norm', 'qk_norm', 'relative_buckets', 'embedding_dim',
-                'share_layers', 'attention_kind')
+                'share_layers', 'attention_kind', 'scan_layers')
 
 
 # The name orbax gives the folder of a save in progress: <step>.orbax-checkpoint-tmp-<time>.

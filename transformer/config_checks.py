@@ -60,6 +60,9 @@ def _problems(config) -> list[str]:
     problems.append(f'config.attention_impl={config.attention_impl} (jax.nn.dot_product_attention) '
                     'applies no attention dropout: set attention_dropout_rate=0 or '
                     'attention_impl=xla.')
+  if config.scan_layers and config.share_layers:
+    problems.append('config.scan_layers stacks one set of parameters per layer; '
+                    'config.share_layers has one for all: choose one.')
   if config.batch_size % config.grad_accum_steps:
     problems.append(f'config.batch_size={config.batch_size} is not divisible by '
                     f'config.grad_accum_steps={config.grad_accum_steps}.')

@@ -56,6 +56,7 @@ class ModelConfig:
   low_rank_dim: int = 64
   attention_impl: str = 'xla'
   remat: str = 'none'
+  scan_layers: bool = False
   logits_bias: bool = False
   output_rsqrt_scale: bool = False
   dtype: Any = jnp.float32
@@ -245,19 +246,39 @@ REMAT_POLICIES = {
     'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 BLOCK_STATIC_ARGNUMS = (5, 6, 10)  # deterministic, decode, cache_index (self is 0)
+SCANNED_LAYERS = 'layers'  # scan_layers: the one name of a stack's layers, stacked on axis 0
 
 
-def block_type(cfg: ModelConfig, decode: bool) -> type[nn.Module]:
-  """Block, or Block under remat with the config's policy (training and evaluation only)."""
+class ScannedBlock(Block):
+  """A Block as the body of nn.scan over depth: the residual stream is the carry."""
+
+  def __call__(self, x_BxLxD, *args):
+    return super().__call__(x_BxLxD, *args), None
+
+
+def block_type(cfg: ModelConfig, decode: bool, scanned: bool = False) -> type[nn.Module]:
+  """Block (or ScannedBlock), under remat with the config's policy except when decoding."""
+  block = ScannedBlock if scanned else Block
   if cfg.remat == 'none' or decode:
-    return Block
-  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=BLOCK_STATIC_ARGNUMS)
+    return block
+  return nn.remat(block, policy=REMAT_POLICIES[cfg.remat], static_argnums=BLOCK_STATIC_ARGNUMS)
+
+
+def scanned_stack(cfg: ModelConfig, decode: bool, num_layers: int) -> type[nn.Module]:
+  """num_layers Blocks as one Block scanned over depth (scan_layers): XLA compiles one layer, not
+  num_layers, so compile time stays flat with depth. Parameters, caches and sown attention weights
+  gain a leading axis of num_layers (logical axis 'layers', never sharded)."""
+  return nn.scan(block_type(cfg, decode, scanned=True),
+                 variable_axes={'params': 0, 'cache': 0, 'intermediates': 0},
+                 split_rngs={'params': True, 'dropout': True}, in_axes=nn.broadcast,
+                 length=num_layers, metadata_params={nn.PARTITION_NAME: SCANNED_LAYERS})
 
 
 class Stack(nn.Module):
   """num_layers Blocks, plus the final norm that pre-LN needs.
 
-  share_layers (ALBERT) applies one Block, one set of parameters, at every depth.
+  share_layers (ALBERT) applies one Block, one set of parameters, at every depth; scan_layers
+  scans one Block over depth, its parameters stacked (the same model, compiled once per stack).
 
   A logit-bias positional scheme is computed once per stack and shared by its layers (T5 keeps
   one relative-bias table per stack); `causal` picks T5's one-sided bucketing.
@@ -288,15 +309,20 @@ class Stack(nn.Module):
           bidirectional=not self.causal, name='relative_bias')(q_positions, kv_positions_BxK)
     elif cfg.positional == 'alibi':
       logit_bias = positions.alibi_bias(q_positions, kv_positions_BxK, cfg.num_heads)
-    block = block_type(cfg, decode)
-    if cfg.share_layers:
-      blocks = [block(cfg, self.cross_attention, self.causal, name='layer')] * self.num_layers
+    args = (self_mask, encoded_BxSxD, cross_mask, deterministic, decode, cache_slot,
+            positions_BxL, logit_bias)
+    if cfg.scan_layers:
+      x_BxLxD, _ = scanned_stack(cfg, decode, self.num_layers)(
+          cfg, self.cross_attention, self.causal, name=SCANNED_LAYERS)(x_BxLxD, *args, None)
     else:
-      blocks = [block(cfg, self.cross_attention, self.causal, name=f'layer_{i}')
-                for i in range(self.num_layers)]
-    for i, layer in enumerate(blocks):
-      x_BxLxD = layer(x_BxLxD, self_mask, encoded_BxSxD, cross_mask, deterministic, decode,
-                      cache_slot, positions_BxL, logit_bias, i if cfg.share_layers else None)
+      block = block_type(cfg, decode)
+      if cfg.share_layers:
+        blocks = [block(cfg, self.cross_attention, self.causal, name='layer')] * self.num_layers
+      else:
+        blocks = [block(cfg, self.cross_attention, self.causal, name=f'layer_{i}')
+                  for i in range(self.num_layers)]
+      for i, layer in enumerate(blocks):
+        x_BxLxD = layer(x_BxLxD, *args, i if cfg.share_layers else None)
     if cfg.pre_ln:
       x_BxLxD = norm('final_norm', cfg)(x_BxLxD)
     return x_BxLxD

@@ -22,6 +22,7 @@ from flax import traverse_util
 from matplotlib.figure import Figure
 
 from transformer import masks
+from transformer.layers import SCANNED_LAYERS
 from transformer.positions import sinusoidal_encoding
 
 MAX_LABELLED_TOKENS = 60  # Longer sequences get no per-token tick labels (they would overlap).
@@ -54,10 +55,14 @@ def attention_weights(model, params, *inputs, **model_kwargs) -> dict[str, np.nd
   """
   _, state = model.apply({'params': params}, *inputs, mutable=['intermediates'], **model_kwargs)
   layers = {}
-  for (stack, layer, kind, _), (weights_BxHxQxK,) in traverse_util.flatten_dict(
+  for (stack, layer, kind, _), (weights,) in traverse_util.flatten_dict(
       state['intermediates']).items():
-    layers.setdefault(f'{stack}/{kind}', {})[int(layer.removeprefix('layer_'))] = np.asarray(
-        weights_BxHxQxK[0])
+    if layer == SCANNED_LAYERS:  # scan_layers: one array, [layers, B, H, Q, K]
+      for i, weights_BxHxQxK in enumerate(weights):
+        layers.setdefault(f'{stack}/{kind}', {})[i] = np.asarray(weights_BxHxQxK[0])
+    else:
+      layers.setdefault(f'{stack}/{kind}', {})[int(layer.removeprefix('layer_'))] = np.asarray(
+          weights[0])
   return {name: np.stack([by_index[i] for i in sorted(by_index)])
           for name, by_index in layers.items()}
 

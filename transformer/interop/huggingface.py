@@ -190,6 +190,9 @@ def _export_config(config):
   """(family, Hugging Face config, vocabulary map): the first reference that can express the
   model of config; UnsupportedConfigError with every reference's reason otherwise."""
   candidates = exporters(config)
+  if config.scan_layers:  # the parameter tables name one parameter per layer
+    raise UnsupportedConfigError('export reads layer_0, layer_1, ...: train or convert with '
+                                 'scan_layers=False.')
   if not candidates:
     raise UnsupportedConfigError(f'variant {config.variant!r} has no Hugging Face counterpart.')
   vocab = workdir_vocab(config)
