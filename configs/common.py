@@ -137,6 +137,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.bleu_max_sentences = 200  # Validation sentences decoded for BLEU during training (0 = skip).
   c.decode_max_len = 64  # Longest generated continuation.
   c.beam_size = 4  # Beam width for --mode=translate/eval (1 = greedy).
+  c.translate_max_ratio = 2.0  # Translation outputs end after this many times the source
+  # batch's length (padded to a multiple of 16), or after decode_max_len tokens if sooner.
   c.length_penalty = 0.6  # Beam length penalty alpha: ((5 + len) / 6) ** alpha.
   c.temperature = 1.0  # Sampling temperature (0 = greedy).
   c.top_k = 0  # Sample from the k most likely tokens (0 = all).

@@ -2,6 +2,7 @@
 
 import functools
 import itertools
+import types
 
 import flax.linen as nn
 import jax
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 
 from configs import bert_mlm, gpt_causal, original, unilm_prefix
-from transformer import decode, variants
+from transformer import decode, evaluate, sharding, variants
+from transformer.data.tokenizer import CharTokenizer
 
 VOCAB = 12
 MAX_LEN = 8
@@ -276,3 +278,49 @@ def test_fill_mask_returns_top_predictions_at_masks(tiny_models):
     np.testing.assert_array_equal(ids[0, pos], np.argsort(-expected[0, pos])[:3])
     np.testing.assert_allclose(probs[0, pos], np.sort(expected[0, pos])[::-1][:3], rtol=1e-5)
   assert np.all(ids[0, [0, 2, 4]] == decode.PAD_ID) and np.all(probs[0, [0, 2, 4]] == 0)
+
+
+def _translation_context(**overrides):
+  """A tiny random EncoderDecoder with a character tokenizer: what translate_texts reads of a
+  ModelContext (config, tokenizer, model, mesh)."""
+  config = original.get_config('tiny')
+  config.update(dict(dict(eval_batch_size=8, decode_max_len=40, max_source_len=40,
+                          num_cpu_devices=-1), **overrides))
+  tokenizer = CharTokenizer('abcdefghijklmnopqrstuvwxyz ')
+  model = variants.build_model(config, tokenizer.vocab_size)
+  ids = jnp.ones((1, 8), jnp.int32)
+  params = nn.unbox(model.init(jax.random.key(0), ids, ids)['params'])
+  ctx = types.SimpleNamespace(config=config, tokenizer=tokenizer, model=model,
+                              mesh=sharding.make_mesh(config))
+  return ctx, params
+
+
+# Lengths 3 to 33 characters in a jumbled order: sorting, buckets and the last partial batch.
+SOURCES = [('abcdefghijklmnopqrstuvwxyz abcdefg'[:n]) for n in (7, 33, 3, 20, 12, 30, 5, 17, 9,
+                                                               25, 4, 14)]
+
+
+def test_translate_texts_equals_each_sentence_decoded_alone():
+  """Length-sorted, bucketed batches return each source's own translation, in input order."""
+  ctx, params = _translation_context(translate_max_ratio=100.0)  # only decode_max_len caps
+  outputs = evaluate.translate_texts(ctx, params, SOURCES, beam_size=3)
+  for source, output in zip(SOURCES, outputs):
+    ids = jnp.asarray([ctx.tokenizer.encode(source)])
+    alone = decode.translate(ctx.model, params, ids, max_len=ctx.config.decode_max_len,
+                             beam_size=3, length_penalty=ctx.config.length_penalty)
+    assert output == ctx.tokenizer.decode(np.asarray(alone)[0]), source
+
+
+def test_translations_end_within_the_ratio_of_their_bucketed_source():
+  ctx, params = _translation_context(translate_max_ratio=1.0)
+  outputs = evaluate.translate_texts(ctx, params, SOURCES, beam_size=1)
+  bucket = evaluate.SOURCE_BUCKET
+  longest = {}  # a sentence shares its batch's cap: the bucket of that batch's longest source
+  order = sorted(range(len(SOURCES)), key=lambda i: -len(SOURCES[i]))
+  for start in range(0, len(order), ctx.config.eval_batch_size):
+    rows = order[start:start + ctx.config.eval_batch_size]
+    cap = -(-len(SOURCES[rows[0]]) // bucket) * bucket
+    longest.update({i: cap for i in rows})
+  for i, output in enumerate(outputs):
+    assert len(ctx.tokenizer.encode(output)) <= longest[i], (SOURCES[i], output)
+  assert max(len(o) for o in outputs) > bucket  # the long batch was not cut to the short one's

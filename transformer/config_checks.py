@@ -22,7 +22,8 @@ ON_NONFINITE = ('stop', 'skip')  # what train._check_finite does with a non-fini
 # Modes that only some variants can do: the Variant attribute that says so.
 MODE_ABILITY = {'translate': 'translates', 'generate': 'generates', 'fill_mask': 'fills_masks'}
 # The batches each mode splits over the data-parallel devices.
-SHARDED_BATCHES = {'train': ('batch_size', 'eval_batch_size'), 'eval': ('eval_batch_size',)}
+SHARDED_BATCHES = {'train': ('batch_size', 'eval_batch_size'), 'eval': ('eval_batch_size',),
+                   'translate': ('eval_batch_size',)}
 
 
 def _choices() -> dict[str, tuple[str, ...]]:

@@ -50,23 +50,40 @@ def encode_sources(tokenizer, sources: list[str], max_len: int) -> tuple[np.ndar
   return ids, truncated
 
 
+SOURCE_BUCKET = 16  # translate_texts pads sources to a multiple of this: few shapes to compile
+
+
 def translate_texts(ctx, params, sources: list[str], *, beam_size: int) -> list[str]:
-  """Detokenized translations of `sources`, in order, decoded in fixed-size batches."""
+  """Detokenized translations of `sources`, in their order.
+
+  Decoded longest first in batches of eval_batch_size split over the mesh's data-parallel
+  devices: sentences of one batch are then of similar length, so that beam search's early stop
+  rarely waits for one long sentence. A batch's sources are padded to a multiple of
+  SOURCE_BUCKET tokens (a handful of shapes, each compiled once), and its outputs end after
+  translate_max_ratio times that many tokens (or config.decode_max_len): each decoding step
+  attends over the whole cache, so a cache sized to the sentences is a faster step.
+  """
   config, tokenizer = ctx.config, ctx.tokenizer
   ids, truncated = encode_sources(tokenizer, sources, config.max_source_len)
   if truncated:
     logging.warning('%d of %d source sentences were longer than max_source_len=%d tokens and '
                     'were truncated.', truncated, len(sources), config.max_source_len)
   batch = config.eval_batch_size
-  outputs = []
+  lengths = (ids != 0).sum(axis=1)
+  order = np.argsort(-lengths, kind='stable')
+  outputs = [''] * len(sources)
   for start in range(0, len(ids), batch):
-    chunk = ids[start:start + batch]
-    padded = np.zeros((batch, ids.shape[1]), np.int32)
-    padded[:len(chunk)] = chunk  # a fixed shape: one compilation for every batch
-    tokens = decode.translate(ctx.model, params, jnp.asarray(padded),
-                              max_len=config.decode_max_len, beam_size=beam_size,
+    rows = order[start:start + batch]
+    width = min(ids.shape[1], -(-max(lengths[rows[0]], 1) // SOURCE_BUCKET) * SOURCE_BUCKET)
+    padded = np.zeros((batch, width), np.int32)
+    padded[:len(rows)] = ids[rows, :width]
+    tokens = decode.translate(ctx.model, params,
+                              jax.device_put(padded, sharding.batch_sharding(ctx.mesh)),
+                              max_len=min(config.decode_max_len, int(config.translate_max_ratio * width)),
+                              beam_size=beam_size,
                               length_penalty=config.length_penalty)
-    outputs.extend(tokenizer.decode(row) for row in np.asarray(tokens)[:len(chunk)])
+    for row, output in zip(rows, np.asarray(tokens)):
+      outputs[row] = tokenizer.decode(output)
   return outputs
 
 
