@@ -296,15 +296,15 @@ def _translation_context(**overrides):
 
 
 # Lengths 3 to 33 characters in a jumbled order: sorting, buckets and the last partial batch.
-SOURCES = [('abcdefghijklmnopqrstuvwxyz abcdefg'[:n]) for n in (7, 33, 3, 20, 12, 30, 5, 17, 9,
+TEXTS = [('abcdefghijklmnopqrstuvwxyz abcdefg'[:n]) for n in (7, 33, 3, 20, 12, 30, 5, 17, 9,
                                                                25, 4, 14)]
 
 
 def test_translate_texts_equals_each_sentence_decoded_alone():
   """Length-sorted, bucketed batches return each source's own translation, in input order."""
   ctx, params = _translation_context(translate_max_ratio=100.0)  # only decode_max_len caps
-  outputs = evaluate.translate_texts(ctx, params, SOURCES, beam_size=3)
-  for source, output in zip(SOURCES, outputs):
+  outputs = evaluate.translate_texts(ctx, params, TEXTS, beam_size=3)
+  for source, output in zip(TEXTS, outputs):
     ids = jnp.asarray([ctx.tokenizer.encode(source)])
     alone = decode.translate(ctx.model, params, ids, max_len=ctx.config.decode_max_len,
                              beam_size=3, length_penalty=ctx.config.length_penalty)
@@ -313,14 +313,14 @@ def test_translate_texts_equals_each_sentence_decoded_alone():
 
 def test_translations_end_within_the_ratio_of_their_bucketed_source():
   ctx, params = _translation_context(translate_max_ratio=1.0)
-  outputs = evaluate.translate_texts(ctx, params, SOURCES, beam_size=1)
+  outputs = evaluate.translate_texts(ctx, params, TEXTS, beam_size=1)
   bucket = evaluate.SOURCE_BUCKET
   longest = {}  # a sentence shares its batch's cap: the bucket of that batch's longest source
-  order = sorted(range(len(SOURCES)), key=lambda i: -len(SOURCES[i]))
+  order = sorted(range(len(TEXTS)), key=lambda i: -len(TEXTS[i]))
   for start in range(0, len(order), ctx.config.eval_batch_size):
     rows = order[start:start + ctx.config.eval_batch_size]
-    cap = -(-len(SOURCES[rows[0]]) // bucket) * bucket
+    cap = -(-len(TEXTS[rows[0]]) // bucket) * bucket
     longest.update({i: cap for i in rows})
   for i, output in enumerate(outputs):
-    assert len(ctx.tokenizer.encode(output)) <= longest[i], (SOURCES[i], output)
+    assert len(ctx.tokenizer.encode(output)) <= longest[i], (TEXTS[i], output)
   assert max(len(o) for o in outputs) > bucket  # the long batch was not cut to the short one's
