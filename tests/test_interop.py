@@ -322,9 +322,14 @@ def test_unsupported_reference_config_is_refused_naming_the_field(tmp_path, fiel
   assert not (tmp_path / 'w').exists()
 
 
-def test_export_refuses_a_model_the_reference_cannot_express(tmp_path):
-  config = gpt_causal.get_config('tiny')  # scales its embeddings by sqrt(d); GPT-2 does not
-  with pytest.raises(UnsupportedConfigError, match='scale_embeddings'):
+@pytest.mark.parametrize('overrides, field', [
+    (dict(attention_bias=True), 'scale_embeddings'),  # GPT-2 does not scale by sqrt(d)
+    (dict(scale_embeddings=False), 'attention_bias=True'),  # gpt_causal has no attention biases
+])
+def test_export_refuses_a_model_the_reference_cannot_express(tmp_path, overrides, field):
+  config = gpt_causal.get_config('tiny')
+  config.update(overrides)
+  with pytest.raises(UnsupportedConfigError, match=field):
     huggingface.export_workdir(config, str(tmp_path / 'w'), str(tmp_path / 'out'))
 
 

@@ -37,6 +37,8 @@ def special_ids(hf: dict) -> dict:
 
 
 def config_to_hf(config, hf_vocab_size: int, specials: dict) -> dict:
+  refuse_unless(config.attention_bias and config.ffn_bias, 'BERT has biases in attention and '
+                'feed-forward: export needs attention_bias=True and ffn_bias=True.')
   refuse_unless(not config.pre_ln, 'BERT is post-LN: export needs pre_ln=False.')
   refuse_unless(config.positional == 'learned' and config.num_token_types > 0,
                 "BERT has learned positions and token types: export needs positional='learned' "

@@ -33,6 +33,8 @@ def special_ids(hf: dict) -> dict:
 
 
 def config_to_hf(config, hf_vocab_size: int, specials: dict) -> dict:
+  refuse_unless(config.attention_bias and config.ffn_bias, 'GPT-2 has biases in attention and '
+                'feed-forward: export needs attention_bias=True and ffn_bias=True.')
   refuse_unless(config.pre_ln, 'GPT-2 is pre-LN: export needs --config.pre_ln=True.')
   refuse_unless(config.positional == 'learned', 'GPT-2 has learned positions: export needs '
                 "positional='learned'.")

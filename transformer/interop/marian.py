@@ -38,6 +38,8 @@ def special_ids(hf: dict) -> dict:
 
 
 def config_to_hf(config, hf_vocab_size: int, specials: dict) -> dict:
+  refuse_unless(config.attention_bias and config.ffn_bias, 'Marian has biases in attention and '
+                'feed-forward: export needs attention_bias=True and ffn_bias=True.')
   refuse_unless(not config.pre_ln, 'Marian is post-LN: export needs pre_ln=False.')
   refuse_unless(config.positional == 'sinusoidal' and config.sinusoidal_layout == 'halves',
                 "Marian's positions are sinusoids in two halves: export needs "
