@@ -77,10 +77,10 @@ def translate_texts(ctx, params, sources: list[str], *, beam_size: int) -> list[
     width = min(ids.shape[1], -(-max(lengths[rows[0]], 1) // SOURCE_BUCKET) * SOURCE_BUCKET)
     padded = np.zeros((batch, width), np.int32)
     padded[:len(rows)] = ids[rows, :width]
+    max_len = min(config.decode_max_len, int(config.translate_max_ratio * width))
     tokens = decode.translate(ctx.model, params,
                               jax.device_put(padded, sharding.batch_sharding(ctx.mesh)),
-                              max_len=min(config.decode_max_len, int(config.translate_max_ratio * width)),
-                              beam_size=beam_size,
+                              max_len=max_len, beam_size=beam_size,
                               length_penalty=config.length_penalty)
     for row, output in zip(rows, np.asarray(tokens)):
       outputs[row] = tokenizer.decode(output)

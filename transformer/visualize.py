@@ -57,12 +57,11 @@ def attention_weights(model, params, *inputs, **model_kwargs) -> dict[str, np.nd
   layers = {}
   for (stack, layer, kind, _), (weights,) in traverse_util.flatten_dict(
       state['intermediates']).items():
-    if layer == SCANNED_LAYERS:  # scan_layers: one array, [layers, B, H, Q, K]
-      for i, weights_BxHxQxK in enumerate(weights):
-        layers.setdefault(f'{stack}/{kind}', {})[i] = np.asarray(weights_BxHxQxK[0])
+    by_index = layers.setdefault(f'{stack}/{kind}', {})
+    if layer == SCANNED_LAYERS:  # scan_layers: every layer in one [layers, B, H, Q, K] array
+      by_index.update(enumerate(np.asarray(weights[:, 0])))
     else:
-      layers.setdefault(f'{stack}/{kind}', {})[int(layer.removeprefix('layer_'))] = np.asarray(
-          weights[0])
+      by_index[int(layer.removeprefix('layer_'))] = np.asarray(weights[0])
   return {name: np.stack([by_index[i] for i in sorted(by_index)])
           for name, by_index in layers.items()}
 
