@@ -72,7 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
   # axis) instead of each layer: compile time independent of depth, for deep models.
 
   # --- Data ----------------------------------------------------------------------------------
-  c.dataset = 'multi30k'  # multi30k | tiny_shakespeare | text (your own files, see text_* below).
+  c.dataset = 'multi30k'  # multi30k | wmt14 (the paper's WMT14 English-German) |
+  # tiny_shakespeare | text (your own files, see text_* below).
   c.raw_data_dir = SHARED_DATA if os.path.isdir(SHARED_DATA) else config_dict.placeholder(str)
   # ^ Raw corpora; unset and absent locally -> download from the public source.
   c.data_dir = os.path.join(REPO_ROOT, 'data')  # Prepared array_record data and tokenizers.
@@ -95,8 +96,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.mlm_max_predictions = 20  # At most this many selected tokens per sequence.
   c.shuffle_buffer_seed = 0  # Seed of the data order (independent of the model seed).
   c.worker_count = 0  # grain worker processes (0 = in the main process).
+  c.prepare_workers = 0  # Processes tokenizing a split the first time it is read (0: one per
+  # core for splits of 200k records or more, else this process; see transformer/data/prepared.py).
   c.lm_sides = config_dict.placeholder(str)  # LM variants on parallel data: comma-separated sides
-  # to read (multi30k: de,en; text: source,target); unset = all sides.
+  # to read (multi30k, wmt14: de,en; text: source,target); unset = all sides.
 
   # --- Training ------------------------------------------------------------------------------
   c.seed = 0  # Model initialisation and dropout seed.

@@ -1,6 +1,14 @@
-"""original: the encoder-decoder Transformer of "Attention Is All You Need", for translation.
+r"""original: the encoder-decoder Transformer of "Attention Is All You Need", for translation.
 
 Usage: --config=configs/original.py:SIZE with SIZE in tiny | small | base | big.
+
+The paper's base run on WMT14 English-German (the statmt archives in DIR/wmt14/), at about the
+paper's batch size (208 packed rows of 128 tokens a side) and vocabulary (37k); see docs/data.md
+for the data and what the run costs:
+  python -m launch.main --config=configs/original.py:base --config.dataset=wmt14 \
+      --config.raw_data_dir=DIR --config.vocab_size=37000 --config.packing=True \
+      --config.batch_size=208 --config.max_source_len=128 --config.max_target_len=128 \
+      --workdir=runs/wmt14_base
 """
 
 from configs import common

@@ -7,12 +7,32 @@ etils.epath (and tensorboardX's own gs:// support), so a gs:// workdir works lik
 import json
 import logging as logging_std
 import os
+import sys
 import time
 
 import jax
 from absl import logging
 from etils import epath
-from tensorboardX import SummaryWriter
+
+
+def _import_summary_writer():
+  """tensorboardX's SummaryWriter, imported without torch.
+
+  tensorboardX imports torch whenever it is installed (about 2 s at every start) only to accept
+  torch tensors, which this project never logs; torch may be installed for the interop tests.
+  """
+  if 'torch' in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    return SummaryWriter
+  sys.modules['torch'] = None  # An ImportError for `import torch` during this import only.
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
+
+
+SummaryWriter = _import_summary_writer()
 
 
 def is_remote(path) -> bool:

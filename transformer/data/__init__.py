@@ -1,4 +1,5 @@
-"""Data layer: TFDS builders (array_record, no TensorFlow), tokenizers and grain pipelines.
+"""Data layer: TFDS builders (array_record, no TensorFlow), tokenizers, token ids prepared once
+(prepared.py) and grain pipelines reading them by index.
 
 Public API:
   get_tokenizer(config) -> Tokenizer

@@ -7,20 +7,20 @@ functions turn that into batches:
   checkpointable with get_state()/set_state().
 - make_eval_batches: a whole split once, in order, nothing dropped (too long -> truncated, the
   last batch padded with weight-0 rows).
-Ids are int32, weights float32. Splits are tokenized once, in memory, so that exact counts of
-skipped and too-long examples can be logged.
+Ids are int32, weights float32. Each split is tokenized once into prepared token ids
+(transformer/data/prepared.py) that every run and every process reads by index: a process reads only
+its shard, and memory does not grow with the corpus.
 """
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, Sequence
 
-from absl import logging
 import grain
 import numpy as np
 
 from transformer import errors, variants
-from transformer.data import builders
+from transformer.data import builders, prepared
 from transformer.data.tokenizer import (BOS_ID, CLS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, SEP_ID,
                                         Tokenizer)
 
@@ -32,17 +32,18 @@ Features = dict[str, np.ndarray]
 
 def _translation_fields(config) -> tuple[str, str]:
   """The (source, target) features of the prepared parallel dataset."""
-  if config.dataset == 'multi30k':
-    langs = builders.MULTI30K_LANGS
+  if config.dataset in builders.PARALLEL_LANGS:
+    langs = builders.PARALLEL_LANGS[config.dataset]
     if config.source_lang not in langs or config.target_lang not in langs or (
         config.source_lang == config.target_lang):
-      raise errors.ConfigError(f'multi30k translates between {" and ".join(langs)}; got '
+      raise errors.ConfigError(f'{config.dataset} translates between {" and ".join(langs)}; got '
                                f'source_lang={config.source_lang!r}, '
                                f'target_lang={config.target_lang!r}.')
     return config.source_lang, config.target_lang
   if config.dataset == 'text' and builders.get_builder(config).builder_config.parallel:
     return 'source', 'target'
-  raise errors.ConfigError(f'{config.variant} needs parallel data (multi30k, or dataset=text with '
+  raise errors.ConfigError(f'{config.variant} needs parallel data '
+                           f'({", ".join(builders.PARALLEL_LANGS)}, or dataset=text with '
                            f'source:target file pairs); {config.dataset} is monolingual.')
 
 
@@ -52,37 +53,21 @@ def load_text_pairs(config, split: str) -> list[tuple[str, str]]:
   return [(e[source], e[target]) for e in builders.load_split(config, split)]
 
 
-def load_texts(config, split: str) -> list[str]:
-  """Monolingual texts of a split: each side (or config.lm_sides) of parallel data, one by one."""
-  examples = builders.load_split(config, split)
-  sides = sorted(examples[0])
+def _lm_sides(config) -> list[str]:
+  """The text fields a language model reads: every side (or config.lm_sides) of the corpus."""
+  sides = sorted(builders.get_builder(config).info.features)
   if config.lm_sides:
     requested = [s.strip() for s in config.lm_sides.split(',')]
     if not set(requested) <= set(sides):
       raise errors.ConfigError(f'lm_sides={config.lm_sides!r}: {config.dataset} has sides {sides}.')
     sides = requested
-  return [e[side] for side in sides for e in examples]
+  return sides
 
 
-def _encode(tokenizer: Tokenizer, text: str, *suffix: int) -> np.ndarray:
-  return np.asarray(tokenizer.encode(text) + list(suffix), np.int32)
-
-
-def _fit(examples: list[Example], max_lens: tuple[int, ...], train: bool, what: str
-         ) -> list[Example]:
-  """Train: drops examples with a part longer than its max length; eval: truncates. Logs counts."""
-  total = len(examples)
-  too_long = sum(any(len(p) > n for p, n in zip(e, max_lens)) for e in examples)
-  if train:
-    examples = [e for e in examples if all(len(p) <= n for p, n in zip(e, max_lens))]
-  else:
-    examples = [tuple(p[:n] for p, n in zip(e, max_lens)) for e in examples]
-  logging.info('%s: %s %d of %d examples longer than %s tokens.', what,
-               'dropped' if train else 'truncated', too_long, total, max_lens)
-  if not examples:
-    raise errors.ConfigError(f'{what}: no examples left (all {too_long} longer than {max_lens} '
-                             'tokens).')
-  return examples
+def load_texts(config, split: str) -> list[str]:
+  """Monolingual texts of a split: each side (or config.lm_sides) of parallel data, one by one."""
+  examples = builders.load_split(config, split)
+  return [e[side] for side in _lm_sides(config) for e in examples]
 
 
 # --- Objectives ----------------------------------------------------------------------------------
@@ -90,19 +75,19 @@ def _fit(examples: list[Example], max_lens: tuple[int, ...], train: bool, what: 
 @dataclasses.dataclass(frozen=True)
 class Objective:
   """How one training objective makes batches."""
-  examples: Callable[[str, bool], list[Example]]  # (split, train) -> token-id examples.
+  recipe: Callable[[bool], prepared.Recipe]  # train -> how a split's records become examples.
   features: Callable[..., Features]  # (example, rng) -> unpadded features (rng: masking only).
   lengths: dict[str, int]  # Padded length of each sequence feature; others are scalars.
+  window: int = 0  # > 0: the examples are windows of window+1 ids of the split's token stream.
   packed: dict[str, str] = dataclasses.field(default_factory=dict)  # Packing: feature whose
   # segments are numbered -> prefix of its '_segment_ids' / '_positions' outputs.
   random: bool = False  # features() draws from rng (fresh every epoch).
 
 
-def _pair_examples(config, tokenizer, split: str, train: bool) -> list[Example]:
-  pairs = [(_encode(tokenizer, source), _encode(tokenizer, target))
-           for source, target in load_text_pairs(config, split)]
-  return _fit(pairs, (config.max_source_len, config.max_target_len), train,
-              f'{config.dataset} {split}')
+def _pair_recipe(config, train: bool) -> prepared.Recipe:
+  """(source, target) ids; too long: dropped (train) or truncated (eval)."""
+  return prepared.Recipe(passes=(_translation_fields(config),),
+                         max_lens=(config.max_source_len, config.max_target_len), train=train)
 
 
 def translation(config, tokenizer: Tokenizer) -> Objective:
@@ -117,7 +102,7 @@ def translation(config, tokenizer: Tokenizer) -> Objective:
 
   decoder_len = config.max_target_len + 1
   return Objective(
-      examples=functools.partial(_pair_examples, config, tokenizer), features=features,
+      recipe=functools.partial(_pair_recipe, config), features=features,
       lengths=dict(inputs=config.max_source_len, decoder_inputs=decoder_len, targets=decoder_len,
                    weights=decoder_len),
       packed={'inputs': 'inputs', 'decoder_inputs': 'decoder'})
@@ -142,8 +127,7 @@ def prefix_lm(config, tokenizer: Tokenizer) -> Objective:
     return out
 
   length = config.max_source_len + config.max_target_len + 1
-  return Objective(examples=functools.partial(_pair_examples, config, tokenizer),
-                   features=features,
+  return Objective(recipe=functools.partial(_pair_recipe, config), features=features,
                    lengths=dict(inputs=length, targets=length, weights=length, token_types=length),
                    packed={'inputs': ''})
 
@@ -155,18 +139,10 @@ def causal_lm(config, tokenizer: Tokenizer) -> Objective:
   start every block_size tokens; train keeps full windows, eval pads the last one (weights 0).
   """
 
-  def examples(split, train):
+  def recipe(train):
+    del train  # Nothing is dropped: the stream is every text in order.
     suffix = () if config.dataset in builders.RUNNING_TEXT_DATASETS else (EOS_ID,)
-    texts = load_texts(config, split)
-    stream = np.concatenate([_encode(tokenizer, text, *suffix) for text in texts])
-    size = config.block_size
-    windows = [stream[start:start + size + 1] for start in range(0, len(stream) - 1, size)]
-    if train:
-      windows = [w for w in windows if len(w) == size + 1]
-    if not windows:
-      raise errors.ConfigError(f'{config.dataset} {split}: {len(stream)} tokens, fewer than '
-                               f'block_size+1 = {size + 1}.')
-    return windows
+    return prepared.Recipe(passes=tuple((side,) for side in _lm_sides(config)), suffix=suffix)
 
   def features(window, rng=None):
     del rng
@@ -174,8 +150,8 @@ def causal_lm(config, tokenizer: Tokenizer) -> Objective:
             'weights': np.ones(len(window) - 1, np.float32)}
 
   size = config.block_size
-  return Objective(examples=examples, features=features,
-                   lengths=dict(inputs=size, targets=size, weights=size))
+  return Objective(recipe=recipe, features=features,
+                   lengths=dict(inputs=size, targets=size, weights=size), window=size)
 
 
 def mask_tokens(tokens: np.ndarray, rng: np.random.Generator, *, vocab_size: int,
@@ -202,14 +178,9 @@ def mask_tokens(tokens: np.ndarray, rng: np.random.Generator, *, vocab_size: int
 def masked_lm(config, tokenizer: Tokenizer) -> Objective:
   """inputs [block_size] = cls + tokens + sep, masked; targets = the original ids; token_types 0."""
 
-  def examples(split, train):
-    lines = [text.strip() for text in load_texts(config, split)]  # Running text: one per line.
-    texts = [line for line in lines if line]
-    if len(texts) < len(lines):
-      logging.info('%s %s: skipped %d empty lines of %d.', config.dataset, split,
-                   len(lines) - len(texts), len(lines))
-    return _fit([(_encode(tokenizer, text),) for text in texts], (config.block_size - 2,), train,
-                f'{config.dataset} {split}')
+  def recipe(train):  # Running text: one example per non-empty line.
+    return prepared.Recipe(passes=tuple((side,) for side in _lm_sides(config)),
+                           max_lens=(config.block_size - 2,), train=train, strip_empty=True)
 
   def features(example, rng):
     tokens = np.concatenate([[CLS_ID], example[0], [SEP_ID]]).astype(np.int32)
@@ -220,7 +191,7 @@ def masked_lm(config, tokenizer: Tokenizer) -> Objective:
             'token_types': np.zeros(len(tokens), np.int32)}
 
   size = config.block_size
-  return Objective(examples=examples, features=features,
+  return Objective(recipe=recipe, features=features,
                    lengths=dict(inputs=size, targets=size, weights=size, token_types=size),
                    packed={'inputs': ''}, random=True)
 
@@ -247,6 +218,21 @@ def sequence_lengths(config) -> dict[str, int]:
   """The padded length of each sequence feature of config's batches, from the config alone (an
   objective reads its tokenizer only once it makes examples)."""
   return dict(OBJECTIVES[variants.get(config.variant).data](config, None).lengths)
+
+
+def split_examples(config, tokenizer: Tokenizer, objective: Objective, split: str, train: bool
+                   ) -> Sequence[Example]:
+  """The split's token-id examples, prepared on first use; refuses a split left empty."""
+  examples = prepared.load(config, tokenizer, split, objective.recipe(train))
+  counts = examples.metadata['counts']
+  if objective.window:
+    examples = prepared.Windows(examples, objective.window, train)
+  if not len(examples):  # pylint: disable=g-explicit-length-test
+    raise errors.ConfigError(
+        f'{config.dataset} {split}: no examples left: of {counts["records"]} texts, '
+        f'{counts["empty"]} empty, {counts["too_long"]} too long '
+        f'({config.variant} limits: {objective.lengths}); {sum(counts["tokens"])} tokens.')
+  return examples
 
 
 # --- Shared batching -----------------------------------------------------------------------------
@@ -295,7 +281,7 @@ def make_train_iterator(config, tokenizer: Tokenizer, *, process_index: int = 0,
   """
   objective = get_objective(config, tokenizer)
   batch_size = _per_process(config.batch_size, process_count, 'batch_size')
-  examples = objective.examples('train', True)
+  examples = split_examples(config, tokenizer, objective, 'train', True)
   usable = len(examples) - len(examples) % process_count  # Equal shards: lockstep epochs.
   ds = grain.MapDataset.source(examples)[process_index:usable:process_count]
   ds = ds.shuffle(seed=config.shuffle_buffer_seed).repeat()  # The shuffle reseeds each epoch.
@@ -337,7 +323,7 @@ def make_eval_batches(config, tokenizer: Tokenizer, split: str = 'validation', *
   """
   objective = get_objective(config, tokenizer)
   batch_size = _per_process(config.eval_batch_size, process_count, 'eval_batch_size')
-  examples = objective.examples(split, False)
+  examples = split_examples(config, tokenizer, objective, split, False)
 
   def row(index: int) -> Features:
     # Masking (bert_mlm) is seeded by the example's index: the same masks at every evaluation.

@@ -6,11 +6,13 @@ one joint vocabulary so embeddings can be tied), saved next to the prepared data
 third comes with a converted model (`launch/convert.py`), its ids relabelled into ours.
 """
 
+import hashlib
 import io
 import json
 import os
 
 from absl import logging
+import numpy as np
 import sentencepiece as spm
 
 from transformer import errors
@@ -36,6 +38,14 @@ class Tokenizer:
   def encode(self, text: str) -> list[int]:
     """Token ids of text, without bos/eos."""
     return self._encode(text)
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    """encode() of each text (subclasses with a batched encoder override it)."""
+    return [self._encode(text) for text in texts]
+
+  def fingerprint(self) -> str:
+    """A hash of what maps text to ids: prepared ids are stale when it changes."""
+    raise NotImplementedError
 
   def decode(self, ids) -> str:
     """Text of ids, stopping at the first eos and ignoring special ids (pad, bos, mask, ...)."""
@@ -65,6 +75,12 @@ class SentencePieceTokenizer(Tokenizer):
   def _encode(self, text):
     return self._sp.encode(text)
 
+  def encode_batch(self, texts):
+    return self._sp.encode(texts, num_threads=1)  # Preparation runs one process per core.
+
+  def fingerprint(self):
+    return _file_sha256(self.model_path)
+
   def _decode(self, ids):
     return self._sp.decode(ids)
 
@@ -90,9 +106,22 @@ class CharTokenizer(Tokenizer):
     self.chars = chars
     self._ids = {c: NUM_SPECIAL + i for i, c in enumerate(chars)}
     self.vocab_size = NUM_SPECIAL + len(chars)
+    # Code point -> id (unk where not in the vocabulary), for encoding whole batches at once.
+    self._table = np.full(max(map(ord, chars), default=0) + 2, UNK_ID, np.int32)
+    self._table[[ord(c) for c in chars]] = list(self._ids.values())
 
   def _encode(self, text):
     return [self._ids.get(c, UNK_ID) for c in text]
+
+  def encode_batch(self, texts):
+    if not texts:
+      return []
+    codes = np.frombuffer(''.join(texts).encode('utf-32-le'), np.uint32)
+    ids = self._table[np.minimum(codes, len(self._table) - 1)]  # The last entry is unk.
+    return [part.tolist() for part in np.split(ids, np.cumsum([len(t) for t in texts])[:-1])]
+
+  def fingerprint(self):
+    return hashlib.sha256(self.chars.encode('utf-8')).hexdigest()
 
   def _decode(self, ids):
     return ''.join(self.chars[i - NUM_SPECIAL] for i in ids if i < self.vocab_size)
@@ -124,6 +153,7 @@ class HuggingFaceTokenizer(Tokenizer):
       raise errors.MissingError(f'{path} is missing: config.hf_tokenizer_dir must be the '
                                 'hf_tokenizer folder that launch.convert wrote.')
     self._tok = tokenizers.Tokenizer.from_file(path)
+    self._fingerprint = _file_sha256(path, os.path.join(directory, 'vocab_map.json'))
     self.vocab_map = vocab.VocabMap.load(os.path.join(directory, 'vocab_map.json'))
     self._hf_to_ours = self.vocab_map.hf_to_ours
     self.vocab_size = self.vocab_map.size
@@ -131,8 +161,23 @@ class HuggingFaceTokenizer(Tokenizer):
   def _encode(self, text):
     return self._hf_to_ours[self._tok.encode(text, add_special_tokens=False).ids].tolist()
 
+  def encode_batch(self, texts):
+    return [self._hf_to_ours[e.ids].tolist()
+            for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+  def fingerprint(self):
+    return self._fingerprint
+
   def _decode(self, ids):
     return self._tok.decode(self.vocab_map.ids_to_hf(ids).tolist(), skip_special_tokens=True)
+
+
+def _file_sha256(*paths: str) -> str:
+  digest = hashlib.sha256()
+  for path in paths:
+    with open(path, 'rb') as f:
+      digest.update(f.read())
+  return digest.hexdigest()
 
 
 def _write_atomically(path: str, data: bytes):
@@ -163,7 +208,8 @@ def get_tokenizer(config) -> Tokenizer:
   if not os.path.exists(path):
     # Every text field of the train split: both languages of a translation corpus (one joint
     # vocabulary, the same for either direction and for every variant).
-    texts = [text for example in builders.load_split(config, 'train') for text in example.values()]
+    texts = [text for example in builders.sample_split(config, 'train', SPM_MAX_SENTENCES)
+             for text in example.values()]
     logging.info('Training the %s tokenizer on %d train texts -> %s', config.tokenizer, len(texts),
                  path)
     if config.tokenizer == 'char':
