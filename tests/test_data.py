@@ -6,6 +6,7 @@ The shared corpora (../shared/data) are prepared once per session in a tmp dir w
 import json
 import os
 
+from absl import flags
 import numpy as np
 import pytest
 
@@ -281,7 +282,7 @@ def test_prefix_lm_batches(data_dir, spm_tokenizer, encoded_train_pairs):
 
 VARIANTS = [(original, {}), (original, {'packing': True}), (bert_mlm, {}),
             (bert_mlm, {'packing': True}), (unilm_prefix, {}),
-            (gpt_causal, {})]
+            (gpt_causal, {}), (original, {'packing': True, 'worker_count': 2})]
 
 
 def assert_same(batches_a, batches_b):
@@ -293,8 +294,11 @@ def assert_same(batches_a, batches_b):
 
 @pytest.mark.parametrize('module,overrides', VARIANTS,
                          ids=[f'{m.__name__.split(".")[-1]}{"-packed" if o.get("packing") else ""}'
+                              f'{"-workers" if o.get("worker_count") else ""}'
                               for m, o in VARIANTS])
 def test_same_seed_same_batches_and_exact_resume(small_corpus_dir, module, overrides):
+  if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags, as under app.run.
+    flags.FLAGS.mark_as_parsed()
   config = small_config(module, small_corpus_dir, **overrides)
   tokenizer = data.get_tokenizer(config)
   run = data.make_train_iterator(config, tokenizer)

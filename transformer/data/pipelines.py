@@ -293,8 +293,6 @@ def make_train_iterator(config, tokenizer: Tokenizer, *, process_index: int = 0,
   if not config.packing:  # Batches by index: worker processes each make whole batches, in order.
     ds = ds.batch(batch_size, batch_fn=functools.partial(_collate, lengths=lengths))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0))  # Threads only add contention here.
-  if config.worker_count > 0:  # Round-robin over index slices: the order stays the same.
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
   if config.packing:  # batch_size bins are filled first-fit, then emitted together as one batch.
     ds = grain.experimental.FirstFitPackIterDataset(
         ds, length_struct=objective.lengths, num_packing_bins=batch_size, shuffle_bins=False,
@@ -304,6 +302,10 @@ def make_train_iterator(config, tokenizer: Tokenizer, *, process_index: int = 0,
     ds = ds.batch(batch_size, drop_remainder=True,
                   batch_fn=functools.partial(_collate, lengths=lengths))
     ds = ds.map(functools.partial(_rename_packed, packed=objective.packed))
+  if config.worker_count > 0:  # Each worker makes whole batches of its slice of the indices,
+    # taken in turn: unpacked batches are the same for any worker count, packed rows are filled
+    # from each worker's slice (the packing, the slowest part, runs in parallel).
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
   return iter(ds)
 
 
