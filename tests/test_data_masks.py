@@ -48,18 +48,28 @@ def test_packed_rows_never_attend_across_examples():
   assert not (cross & (dec_seg[:, None, :, None] != enc_seg[:, None, None, :])).any()
 
 
+def alone_in_a_row(x: np.ndarray, length: int) -> jnp.ndarray:
+  """One example as the only one of a row of `length`, padded with 0 as unpacked batches are
+  (one shape for every example, so the model compiles once)."""
+  row = np.zeros((1, length), x.dtype)
+  row[0, :len(x)] = x
+  return jnp.asarray(row)
+
+
 def test_packed_row_gives_the_logits_of_its_examples_alone():
   config, tokenizer, batch = real_batch(original, packing=True, max_source_len=60, max_target_len=60)
   model = variants.build_model(config, tokenizer.vocab_size)
   params = nn.unbox(objectives.init_params(model, batch, jax.random.key(0)))
   packed = np.asarray(jax.jit(lambda b: objectives.forward(model, params, b))(batch))[0]
   row = {k: v[0] for k, v in batch.items()}
+  apply = jax.jit(lambda src, tgt: model.apply({'params': params}, src, tgt))
   for segment in range(1, int(row['decoder_segment_ids'].max()) + 1):
     src = row['inputs'][row['inputs_segment_ids'] == segment]
     tgt_in = row['decoder_inputs'][row['decoder_segment_ids'] == segment]
-    alone = model.apply({'params': params}, jnp.asarray(src[None]), jnp.asarray(tgt_in[None]))
-    np.testing.assert_allclose(packed[row['decoder_segment_ids'] == segment], alone[0],
-                               atol=2e-5, rtol=2e-5)
+    alone = apply(alone_in_a_row(src, len(row['inputs'])),
+                  alone_in_a_row(tgt_in, len(row['decoder_inputs'])))
+    np.testing.assert_allclose(packed[row['decoder_segment_ids'] == segment],
+                               alone[0, :len(tgt_in)], atol=2e-5, rtol=2e-5)
 
 
 def test_packed_prefix_lm_row_gives_the_logits_of_its_examples_alone():
@@ -71,10 +81,12 @@ def test_packed_prefix_lm_row_gives_the_logits_of_its_examples_alone():
   params = nn.unbox(objectives.init_params(model, batch, jax.random.key(0)))
   packed = np.asarray(jax.jit(lambda b: objectives.forward(model, params, b))(batch))[0]
   row = {k: v[0] for k, v in batch.items()}
+  apply = jax.jit(lambda ids, prefix_len, types: model.apply(
+      {'params': params}, ids, prefix_len=prefix_len, token_types=types))
   for segment in range(1, int(row['segment_ids'].max()) + 1):
     in_segment = row['segment_ids'] == segment
     ids, types = row['inputs'][in_segment], row['token_types'][in_segment]
-    alone = model.apply({'params': params}, jnp.asarray(ids[None]),
-                        prefix_len=jnp.asarray([int((types == 0).sum())]),
-                        token_types=jnp.asarray(types[None]))
-    np.testing.assert_allclose(packed[in_segment], alone[0], atol=2e-5, rtol=2e-5)
+    alone = apply(alone_in_a_row(ids, len(row['inputs'])),
+                  jnp.asarray([int((types == 0).sum())]),
+                  alone_in_a_row(types, len(row['inputs'])))
+    np.testing.assert_allclose(packed[in_segment], alone[0, :len(ids)], atol=2e-5, rtol=2e-5)

@@ -162,3 +162,20 @@ def test_attention_memory_grows_as_each_kind_says(kind, growth):
   memory = [benchmark_length.compiled_step(config, length, 2048)[0].memory_analysis()
             .temp_size_in_bytes for length in (64, 1024)]
   assert growth[0] < memory[1] / memory[0] < growth[1], memory
+
+
+def test_plan_cost_times_the_real_batch_shapes(tmp_path):
+  """launch.plan_cost counts FLOPs and times steps on a made-up batch: it must have the keys,
+  shapes and dtypes of the pipeline's own batches, or the plan would be of another model."""
+  from configs import original  # pylint: disable=import-outside-toplevel
+  from launch import plan_cost  # pylint: disable=import-outside-toplevel
+  from tests import run_helpers  # pylint: disable=import-outside-toplevel
+  from transformer import data  # pylint: disable=import-outside-toplevel
+  config = original.get_config('tiny')
+  config.update(run_helpers.overrides(str(tmp_path)), packing=True, vocab_size=300)
+  real = next(data.make_train_iterator(config, data.get_tokenizer(config)))
+  made = plan_cost.recipe_batch(config)
+  assert {k: (v.shape, v.dtype) for k, v in made.items()} == {
+      k: (v.shape, v.dtype) for k, v in real.items()}
+  compile_s, step_s = plan_cost.time_steps(config, made, steps=1)
+  assert compile_s > 0 and step_s > 0
