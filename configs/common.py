@@ -148,6 +148,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.top_p = 1.0  # Nucleus sampling mass (1 = all).
   c.checkpoint_every_steps = 500  # Asynchronous checkpoint period; also at the end.
   c.max_checkpoints_to_keep = 3  # Most recent checkpoints kept (plus the best).
+  c.average_last_checkpoints = 0  # N >= 2: a finished run also saves the mean of the parameters
+  # of its last N checkpoints, as the paper evaluates (--checkpoint=averaged); 0 = off.
   c.best_metric = 'eval_loss'  # Validation metric that picks the best checkpoint (lower = better).
   return c
 

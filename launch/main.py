@@ -6,6 +6,10 @@ r"""Train, evaluate or use a Transformer variant. All logic lives in the `transf
   echo "Ein Hund läuft." | python -m launch.main --config=configs/original.py:small \
       --workdir=runs/original_small --mode=translate
 
+--mode=select compares checkpoints and decoding settings on the validation split and records the
+best; the modes that load a model then use it unless --checkpoint or --config.beam_size /
+--config.length_penalty say otherwise.
+
 Override any config field with --config.FIELD=VALUE (e.g. --config.num_train_steps=100).
 
 A mistake in the flags, the config or the workdir prints one line saying what to do and exits 1,
@@ -19,19 +23,22 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from transformer import config_checks, distributed, errors, inference, train, writer
+from transformer import config_checks, distributed, errors, inference, selection, train, writer
 
-MODES = ('train', 'eval', 'translate', 'generate', 'fill_mask', 'visualize')
+MODES = ('train', 'eval', 'translate', 'generate', 'fill_mask', 'visualize', 'select')
 EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)
 
 config_flags.DEFINE_config_file('config', None, 'A configs/VARIANT.py:SIZE file.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and outputs.')
 flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')
-flags.DEFINE_string('checkpoint', 'latest',
-                    'Non-train modes: which checkpoint of the workdir to load: latest | best | '
-                    'a step number | comma-separated steps, whose parameters are averaged.')
-flags.DEFINE_string('split', 'validation', 'eval: the split to evaluate (validation | test).')
+flags.DEFINE_string('checkpoint', None,
+                    'Modes that load a model: which checkpoint of the workdir: latest | best | '
+                    'averaged (saved by training, see config.average_last_checkpoints) | a step '
+                    'number | comma-separated steps, whose parameters are averaged. Default: the '
+                    'one --mode=select chose, else latest.')
+flags.DEFINE_string('split', 'validation', 'eval: the split to evaluate (validation | test); '
+                    'select reads validation only.')
 flags.DEFINE_string('input', None, 'translate: a file of source lines (default: stdin).')
 flags.DEFINE_string('output', None, 'translate: where to write translations (default: stdout).')
 flags.DEFINE_string('prompt', '\n', 'generate: the text to continue.')
@@ -53,14 +60,21 @@ def main(argv):
   writer.quiet_library_logs()
   f = flags.FLAGS
   config, workdir = f.config, f.workdir
-  if f.checkpoint not in ('latest', 'best') and not all(
+  if f.checkpoint not in (None, 'latest', 'best', 'averaged') and not all(
       step.isdigit() for step in f.checkpoint.split(',')):
-    raise errors.ConfigError(f'--checkpoint={f.checkpoint}: expected latest, best, a step number '
-                             'or comma-separated step numbers.')
+    raise errors.ConfigError(f'--checkpoint={f.checkpoint}: expected latest, best, averaged, a '
+                             'step number or comma-separated step numbers.')
+  if f.mode == 'select' and f.split != selection.SPLIT:
+    raise errors.ConfigError(f'--mode=select chooses on the {selection.SPLIT} split only: a choice '
+                             f'made on --split={f.split} would flatter its score there.')
   config_checks.check(config, f.mode)  # before JAX starts: a mistake costs nothing
   config_checks.check_fields(config, f.allow_config_change, '--allow_config_change')
   distributed.initialize(config.num_cpu_devices, config.keep_host_memory)
   config_checks.check_mesh(config, f.mode)  # before anything is written
+  which = f.checkpoint
+  if f.mode not in ('train', 'select'):
+    config, which = selection.resolve(config, workdir, f.checkpoint,
+                                      config_flags.get_override_values(f['config']))
   logging.info('mode=%s workdir=%s', f.mode, workdir)
   if f.mode != 'train':  # training logs it once the workdir is its own
     logging.info('config:\n%s', config)
@@ -68,15 +82,17 @@ def main(argv):
     train.train_and_evaluate(config, workdir, force_unlock=f.force_unlock,
                              allow_config_change=f.allow_config_change)
   elif f.mode == 'eval':
-    inference.run_eval(config, workdir, f.split, f.checkpoint)
+    inference.run_eval(config, workdir, f.split, which)
   elif f.mode == 'translate':
-    inference.run_translate(config, workdir, f.input, f.output, f.checkpoint)
+    inference.run_translate(config, workdir, f.input, f.output, which)
   elif f.mode == 'generate':
-    inference.run_generate(config, workdir, f.prompt, f.num_samples, f.checkpoint)
+    inference.run_generate(config, workdir, f.prompt, f.num_samples, which)
   elif f.mode == 'fill_mask':
-    inference.run_fill_mask(config, workdir, f.text or '', f.top_k, f.checkpoint)
+    inference.run_fill_mask(config, workdir, f.text or '', f.top_k, which)
   elif f.mode == 'visualize':
-    inference.run_visualize(config, workdir, f.text, f.checkpoint)
+    inference.run_visualize(config, workdir, f.text, which)
+  elif f.mode == 'select':
+    selection.run_select(config, workdir)
 
 
 def _tracebacks_wanted(argv) -> bool:

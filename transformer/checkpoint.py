@@ -18,6 +18,13 @@ run can write that step again. If checkpoints exist but none restores, the run s
 start afresh. A checkpoint of a model of another shape is refused, never overwritten.
 Using a model reads its parameters alone (`restore_params`, an orbax partial restore), checked
 against the same checksums.
+
+Checkpoint averaging (the paper evaluates the mean of its last checkpoints): `average_params` means
+the parameters of some steps; `Checkpointer.save_average`, at the end of training, saves the mean of
+the latest config.average_last_checkpoints to WORKDIR/checkpoints_averaged/<newest step>/ in the
+same layout (state holding {'params'} alone, config naming the steps averaged), which
+--checkpoint=averaged loads. It lives beside checkpoints/, never in it: a resumed run restores
+only from checkpoints/, so it continues from the trained state, not from the average.
 """
 
 import dataclasses
@@ -44,6 +51,9 @@ SHAPE_FIELDS = ('variant', 'd_model', 'num_heads', 'num_layers', 'num_decoder_la
                 'ffn_bias', 'norm', 'qk_norm', 'relative_buckets', 'embedding_dim',
                 'share_layers', 'attention_kind', 'scan_layers')
 
+
+CHECKPOINTS = 'checkpoints'  # WORKDIR/checkpoints/<step>: the train states of a run
+AVERAGED = 'checkpoints_averaged'  # WORKDIR/checkpoints_averaged/<newest step>: averaged parameters
 
 # The name orbax gives the folder of a save in progress: <step>.orbax-checkpoint-tmp-<time>.
 UNFINISHED_MARK = '.orbax-checkpoint-tmp'
@@ -116,10 +126,11 @@ def state_checksum(state) -> dict[str, str]:
           for path, (a, b) in zip(paths, sums)}
 
 
-def committed_steps(workdir: str) -> list[int]:
-  """The steps of WORKDIR/checkpoints, from the folder names alone: for deciding, before any
-  Checkpointer exists (it creates and cleans up that folder), whether a run resumes."""
-  folder = epath.Path(workdir) / 'checkpoints'
+def committed_steps(workdir: str, folder: str = CHECKPOINTS) -> list[int]:
+  """The steps of WORKDIR/checkpoints (or of another folder), from the folder names alone: for
+  deciding, before any Checkpointer exists (it creates and cleans up that folder), whether a run
+  resumes, or which checkpoints there are to compare."""
+  folder = epath.Path(workdir) / folder
   if not folder.is_dir():
     return []
   return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
@@ -135,15 +146,18 @@ class Checkpointer:
 
   read_only: for using a model (eval, translate, ...), perhaps while it trains: creates nothing,
   removes no unfinished save (it may be the training run's) and moves no unreadable checkpoint.
+  folder: WORKDIR/checkpoints, or AVERAGED for the parameters that save_average writes.
   Close it (or use it as a context manager) before the program ends: orbax's background threads
   otherwise outlive the interpreter and fail noisily.
   """
 
-  def __init__(self, workdir: str, config, vocab_size: int, read_only: bool = False):
+  def __init__(self, workdir: str, config, vocab_size: int, read_only: bool = False,
+               folder: str = CHECKPOINTS):
     workdir = os.fspath(workdir)
     if '://' not in workdir:  # gs://... and other URLs are used as they are
       workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(workdir, 'checkpoints')
+    self.workdir, self.config = workdir, config
+    self.directory = os.path.join(workdir, folder)
     self.read_only = read_only
     self.config_json = dict(config.to_dict(), model_vocab_size=vocab_size)
     self.best_metric = best_metric = config.best_metric
@@ -204,11 +218,13 @@ class Checkpointer:
           'untouched: use another --workdir, or the config it was trained with.')
     return saved
 
-  def save(self, step: int, state, data_iterator, metrics: dict | None = None) -> bool:
+  def save(self, step: int, state, data_iterator, metrics: dict | None = None,
+           info: dict | None = None) -> bool:
     """Starts an asynchronous save of `step`; False if orbax skips it (a newer step exists).
 
     data_iterator None saves no data position (a converted model): training from that
-    checkpoint reads its data from the start.
+    checkpoint reads its data from the start. info: recorded with the saved config (e.g. the
+    steps an average was made of).
     Raises NonFiniteStateError (and writes nothing) if the state holds NaN or Inf.
     """
     if not all_finite(state):
@@ -216,7 +232,7 @@ class Checkpointer:
           f'Refusing to save step {step} to {self.directory}: the train state holds NaN or Inf. '
           'Earlier checkpoints are kept.')
     config = dict(self.config_json, has_data_state=data_iterator is not None,
-                  state_checksum=state_checksum(state))
+                  state_checksum=state_checksum(state), **(info or {}))
     items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config))
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -332,6 +348,34 @@ class Checkpointer:
                     'them aside: %s.', self.directory, resumed, ', '.join(map(str, steps)),
                     '; '.join(moved))
 
+  def save_average(self, abstract_params, count: int) -> list[int]:
+    """Saves the mean of the parameters of the latest `count` checkpoints (once pending saves are
+    committed) to WORKDIR/checkpoints_averaged/<newest step>; returns the steps averaged, [] if
+    fewer than two exist. A collective: every process calls it and writes its own shards.
+    """
+    self.wait()
+    steps = self.all_steps()[-count:]  # the best step is kept too, but is never newer
+    if len(steps) < 2:
+      logging.warning('Not averaging checkpoints: %s holds %s, fewer than two.', self.directory,
+                      steps)
+      return []
+    if len(steps) < count:
+      logging.warning('Averaging the %d checkpoints of %s, fewer than the %d asked for.',
+                      len(steps), self.directory, count)
+    vocab_size = self.config_json['model_vocab_size']
+    with Checkpointer(self.workdir, self.config, vocab_size, folder=AVERAGED) as out:
+      if steps[-1] in out.all_steps():
+        if out.check_compatible(steps[-1]).get('averaged_steps') == steps:
+          logging.info('%s/%d already holds the average of steps %s.', out.directory, steps[-1],
+                       steps)
+          return steps
+        out.manager.delete(steps[-1])  # an average of other steps (the count changed)
+      params, steps = average_params(self, abstract_params, steps)
+      out.save(steps[-1], {'params': params}, None, info=dict(averaged_steps=steps))
+    logging.info('Saved the mean of the parameters of steps %s to %s/%d (--checkpoint=averaged).',
+                 ', '.join(map(str, steps)), out.directory, steps[-1])
+    return steps
+
   def wait(self):
     """Blocks until pending asynchronous saves are committed."""
     self.manager.wait_until_finished()
@@ -339,6 +383,18 @@ class Checkpointer:
   def close(self):
     """Waits for pending saves, then stops orbax's background threads."""
     self.manager.close()
+
+
+def average_params(ckpt: Checkpointer, abstract_params, steps: list[int | None]):
+  """(the elementwise mean of the parameters of `steps` of ckpt, the steps read; None: the newest
+  that restores). Read one at a time and summed: memory holds two sets of parameters, whatever
+  the number of steps."""
+  total, read = None, []
+  for step in steps:
+    params, step = ckpt.restore_params(abstract_params, step=step)
+    total = params if total is None else jax.tree.map(jnp.add, total, params)
+    read.append(step)
+  return jax.tree.map(lambda p: p / len(read), total), read
 
 
 def _announce_unfinished_saves(directory: str):

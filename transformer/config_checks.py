@@ -23,7 +23,7 @@ ON_NONFINITE = ('stop', 'skip')  # what train._check_finite does with a non-fini
 MODE_ABILITY = {'translate': 'translates', 'generate': 'generates', 'fill_mask': 'fills_masks'}
 # The batches each mode splits over the data-parallel devices.
 SHARDED_BATCHES = {'train': ('batch_size', 'eval_batch_size'), 'eval': ('eval_batch_size',),
-                   'translate': ('eval_batch_size',)}
+                   'translate': ('eval_batch_size',), 'select': ('eval_batch_size',)}
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
@@ -64,6 +64,11 @@ def _problems(config) -> list[str]:
   if config.scan_layers and config.share_layers:
     problems.append('config.scan_layers stacks one set of parameters per layer; '
                     'config.share_layers has one for all: choose one.')
+  average, keep = config.average_last_checkpoints, config.max_checkpoints_to_keep
+  if average and not 2 <= average <= keep:
+    problems.append(f'config.average_last_checkpoints={average} must be 0 (off) or from 2 to '
+                    f'config.max_checkpoints_to_keep={keep}: the checkpoints it averages must '
+                    'still be kept.')
   if config.batch_size % config.grad_accum_steps:
     problems.append(f'config.batch_size={config.batch_size} is not divisible by '
                     f'config.grad_accum_steps={config.grad_accum_steps}.')

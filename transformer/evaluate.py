@@ -53,8 +53,9 @@ def encode_sources(tokenizer, sources: list[str], max_len: int) -> tuple[np.ndar
 SOURCE_BUCKET = 16  # translate_texts pads sources to a multiple of this: few shapes to compile
 
 
-def translate_texts(ctx, params, sources: list[str], *, beam_size: int) -> list[str]:
-  """Detokenized translations of `sources`, in their order.
+def translate_texts(ctx, params, sources: list[str], *, beam_size: int,
+                    length_penalty: float | None = None) -> list[str]:
+  """Detokenized translations of `sources`, in their order (length_penalty None: the config's).
 
   Decoded longest first in batches of eval_batch_size split over the mesh's data-parallel
   devices: sentences of one batch are then of similar length, so that beam search's early stop
@@ -64,6 +65,8 @@ def translate_texts(ctx, params, sources: list[str], *, beam_size: int) -> list[
   attends over the whole cache, so a cache sized to the sentences is a faster step.
   """
   config, tokenizer = ctx.config, ctx.tokenizer
+  if length_penalty is None:
+    length_penalty = config.length_penalty
   ids, truncated = encode_sources(tokenizer, sources, config.max_source_len)
   if truncated:
     logging.warning('%d of %d source sentences were longer than max_source_len=%d tokens and '
@@ -81,17 +84,19 @@ def translate_texts(ctx, params, sources: list[str], *, beam_size: int) -> list[
     tokens = decode.translate(ctx.model, params,
                               jax.device_put(padded, sharding.batch_sharding(ctx.mesh)),
                               max_len=max_len, beam_size=beam_size,
-                              length_penalty=config.length_penalty)
+                              length_penalty=length_penalty)
     for row, output in zip(rows, np.asarray(tokens)):
       outputs[row] = tokenizer.decode(output)
   return outputs
 
 
 def translation_scores(ctx, params, split: str, *, beam_size: int,
+                       length_penalty: float | None = None,
                        max_sentences: int | None = None) -> tuple[dict, list[str]]:
   """sacreBLEU (cased, lowercased) and chrF of `split` translations, and the hypotheses."""
   pairs = data.load_text_pairs(ctx.config, split)[:max_sentences or None]
-  hypotheses = translate_texts(ctx, params, [src for src, _ in pairs], beam_size=beam_size)
+  hypotheses = translate_texts(ctx, params, [src for src, _ in pairs], beam_size=beam_size,
+                               length_penalty=length_penalty)
   return metrics.corpus_scores(hypotheses, [ref for _, ref in pairs]), hypotheses
 
 

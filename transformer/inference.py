@@ -1,7 +1,7 @@
 """Using a trained model from its workdir: the eval, translate, generate and fill_mask modes.
 
-Each mode restores the latest (or best, or a given step's) checkpoint of a workdir into the
-config's mesh.
+Each mode restores the latest (or best, or a given step's, or the averaged) checkpoint of a
+workdir into the config's mesh.
 """
 
 import json
@@ -23,15 +23,18 @@ def restore(config, workdir: str, which: str = 'latest'):
   the optimizer state, into a context that builds no optimizer and loads no data.
 
   `which` is 'latest', 'best', a step, or comma-separated steps whose parameters are averaged
-  (the paper evaluates the average of its last checkpoints); `steps` lists the steps loaded.
+  (the paper evaluates the average of its last checkpoints), or 'averaged': the average that
+  training saved (config.average_last_checkpoints); `steps` lists the steps averaged or loaded.
   """
   ctx = context.ModelContext(config)
   abstract, _ = ctx.abstract_params()
+  folder = checkpoint.AVERAGED if which == 'averaged' else checkpoint.CHECKPOINTS
   # Read-only: a training run may be writing to this workdir.
-  with checkpoint.Checkpointer(workdir, config, ctx.tokenizer.vocab_size, read_only=True) as ckpt:
-    restored = [ckpt.restore_params(abstract, step=step) for step in _steps(ckpt, which, config)]
-  steps = [step for _, step in restored]
-  params = jax.tree.map(lambda *p: sum(p) / len(p), *[params for params, _ in restored])
+  with checkpoint.Checkpointer(workdir, config, ctx.tokenizer.vocab_size, read_only=True,
+                               folder=folder) as ckpt:
+    params, steps = checkpoint.average_params(ckpt, abstract, _steps(ckpt, which, config))
+    if which == 'averaged':
+      steps = ckpt.check_compatible(steps[0])['averaged_steps']
   logging.info('Restored the parameters of step %s from %s%s.', ', '.join(map(str, steps)),
                ckpt.directory, ' (averaged)' if len(steps) > 1 else '')
   return ctx, params, steps
@@ -40,10 +43,14 @@ def restore(config, workdir: str, which: str = 'latest'):
 def _steps(ckpt: checkpoint.Checkpointer, which: str, config) -> list[int | None]:
   """The steps that `which` names (None: the latest that restores)."""
   kept = ckpt.all_steps()
+  if not kept and which == 'averaged':
+    raise errors.MissingError(f'No averaged checkpoint in {ckpt.directory}: train with '
+                              '--config.average_last_checkpoints=N (N >= 2), or average steps '
+                              'with --checkpoint=STEP,STEP,...')
   if not kept:
     raise errors.MissingError(f'No checkpoint in {ckpt.directory}: train first with --mode=train '
                               f'--workdir={os.path.dirname(ckpt.directory)}')
-  if which == 'latest':
+  if which in ('latest', 'averaged'):
     return [None]
   if which == 'best':
     best = ckpt.best_step()
@@ -59,14 +66,18 @@ def _steps(ckpt: checkpoint.Checkpointer, which: str, config) -> list[int | None
   return steps
 
 
-def run_eval(config, workdir: str, split: str, which: str = 'latest') -> dict:
-  """Loss/perplexity/accuracy of a whole split, plus BLEU and chrF for translation variants.
+def run_eval(config, workdir: str, split: str, which: str = 'latest', *,
+             restored=None) -> dict:
+  """Loss/perplexity/accuracy of a whole split, plus BLEU and chrF for translation variants
+  (decoded with config's beam_size and length_penalty).
 
   Writes WORKDIR/eval_<split>_step<N>.json (averaged checkpoints: eval_<split>_avg<N1>-<N2>.json;
   translation: ..._greedy.json or ..._beam<k>_lp<alpha>.json, so that checkpoints and decoding
   settings compared on validation keep their own files) and returns its content.
+  restored: what restore(config, workdir, which) returned, to evaluate one checkpoint under
+  several decoding settings without reading it again.
   """
-  ctx, params, steps = restore(config, workdir, which)
+  ctx, params, steps = restored or restore(config, workdir, which)
   batches = data.make_eval_batches(config, ctx.tokenizer, split,
                                    process_index=jax.process_index(),
                                    process_count=jax.process_count())
@@ -75,7 +86,8 @@ def run_eval(config, workdir: str, split: str, which: str = 'latest') -> dict:
                 **evaluate.loss_metrics(ctx, eval_fn, params, batches))
   if variants.get(config.variant).translates:
     scores, hypotheses = evaluate.translation_scores(ctx, params, split,
-                                                     beam_size=config.beam_size)
+                                                     beam_size=config.beam_size,
+                                                     length_penalty=config.length_penalty)
     result.update(scores, beam_size=config.beam_size, length_penalty=config.length_penalty,
                   sample=hypotheses[:3])
     print(f'BLEU {scores["bleu"]:.2f} ({scores["bleu_signature"]})')

@@ -199,7 +199,9 @@ def train_and_evaluate(config, workdir: str, *, force_unlock: bool = False,
   The run holds the workdir's lock throughout (force_unlock: take it over) and resumes only with
   the config of the workdir, up to workdir.FREE_FIELDS and the fields in allow_config_change.
   SIGTERM or Ctrl-C: the step in progress finishes and is saved; Ctrl-C then raises
-  distributed.Interrupted. Returns the final state and the last validation metrics.
+  distributed.Interrupted. A run that reaches num_train_steps then saves the average of its last
+  config.average_last_checkpoints checkpoints (Checkpointer.save_average).
+  Returns the final state and the last validation metrics.
   """
   with workdir_lib.Lock(workdir, force=force_unlock):
     changes = workdir_lib.config_changes(workdir, config, allow_config_change)
@@ -220,7 +222,11 @@ def train_and_evaluate(config, workdir: str, *, force_unlock: bool = False,
       num_params = sum(x.size for x in jax.tree.leaves(state.params))
       logging.info('%s:%s, %s parameters, mesh %s', config.variant, config.size,
                    f'{num_params:,}', dict(exp.mesh.shape))
-      return _train_loop(exp, state, start_step, train_iter, shardings, ckpt, writer)
+      state, last_eval = _train_loop(exp, state, start_step, train_iter, shardings, ckpt, writer)
+      # Only a finished run: a preempted one would average checkpoints it has yet to write.
+      if config.average_last_checkpoints and int(state.step) == config.num_train_steps:
+        ckpt.save_average(abstract.params, config.average_last_checkpoints)
+      return state, last_eval
 
 
 def _train_loop(exp, state, start_step, train_iter, shardings, ckpt, writer):

@@ -40,6 +40,7 @@ HISTORY = 'config_history.jsonl'
 FREE_FIELDS = (
     'num_train_steps',  # extends or shortens a run (not under the cosine schedule: see below)
     'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'max_checkpoints_to_keep',
+    'average_last_checkpoints',  # what is saved after the last step, beside the checkpoints
     'data_dir', 'raw_data_dir',  # where the same data is found
     'worker_count',  # grain workers read the same batches in the same order
     'peak_flops',  # only the MFU figure
