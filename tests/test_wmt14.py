@@ -176,7 +176,7 @@ def test_downloads_stay_packed_and_known_checksums_are_checked(tmp_path, monkeyp
                      r'https://www\.statmt\.org/wmt13/training-parallel-europarl-v7\.tgz'):
     builders.locate_raw_files('wmt14', 'wmt14', None, builders.WMT14_URLS, builders.WMT14_SHA256,
                               fetch, extract=False)
-  sha256 = {name: expected and builders._sha256(folder / name)
+  sha256 = {name: expected and builders.file_sha256(folder / name)
             for name, expected in builders.WMT14_SHA256.items()}
   assert builders.locate_raw_files('wmt14', 'wmt14', None, builders.WMT14_URLS, sha256, fetch,
                                    extract=False) == {name: str(folder / name)

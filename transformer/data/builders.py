@@ -202,7 +202,7 @@ def read_archive_pairs(archive: str, source_member: str, target_member: str,
                     source_member, target_member, total - kept, total, unit)
 
 
-def _sha256(path) -> str:
+def file_sha256(path) -> str:
   with open(path, 'rb') as f:
     return hashlib.file_digest(f, 'sha256').hexdigest()  # In chunks: archives are ~1 GB.
 
@@ -234,9 +234,9 @@ def locate_raw_files(dataset: str, folder: str, raw_data_dir: str | None, urls: 
     download = dl_manager.download_and_extract if extract else dl_manager.download
     paths = {name: os.fspath(path) for name, path in download(urls).items()}
     for name, path in paths.items():
-      if sha256[name] and _sha256(path) != sha256[name]:
+      if sha256[name] and file_sha256(path) != sha256[name]:
         raise ValueError(f'checksum mismatch for {urls[name]} (downloaded to {path}): sha256 '
-                         f'{_sha256(path)}, expected {sha256[name]}')
+                         f'{file_sha256(path)}, expected {sha256[name]}')
     return paths
   except Exception as e:  # pylint: disable=broad-except
     where = '; '.join(looked) if looked else 'nowhere locally (config.raw_data_dir is unset)'

@@ -79,7 +79,7 @@ class SentencePieceTokenizer(Tokenizer):
     return self._sp.encode(texts, num_threads=1)  # Preparation runs one process per core.
 
   def fingerprint(self):
-    return _file_sha256(self.model_path)
+    return builders.file_sha256(self.model_path)
 
   def _decode(self, ids):
     return self._sp.decode(ids)
@@ -153,7 +153,8 @@ class HuggingFaceTokenizer(Tokenizer):
       raise errors.MissingError(f'{path} is missing: config.hf_tokenizer_dir must be the '
                                 'hf_tokenizer folder that launch.convert wrote.')
     self._tok = tokenizers.Tokenizer.from_file(path)
-    self._fingerprint = _file_sha256(path, os.path.join(directory, 'vocab_map.json'))
+    self._fingerprint = ''.join(builders.file_sha256(p) for p in (
+        path, os.path.join(directory, 'vocab_map.json')))
     self.vocab_map = vocab.VocabMap.load(os.path.join(directory, 'vocab_map.json'))
     self._hf_to_ours = self.vocab_map.hf_to_ours
     self.vocab_size = self.vocab_map.size
@@ -170,14 +171,6 @@ class HuggingFaceTokenizer(Tokenizer):
 
   def _decode(self, ids):
     return self._tok.decode(self.vocab_map.ids_to_hf(ids).tolist(), skip_special_tokens=True)
-
-
-def _file_sha256(*paths: str) -> str:
-  digest = hashlib.sha256()
-  for path in paths:
-    with open(path, 'rb') as f:
-      digest.update(f.read())
-  return digest.hexdigest()
 
 
 def _write_atomically(path: str, data: bytes):
