@@ -56,10 +56,15 @@ def base_config() -> ml_collections.ConfigDict:
   # and an E -> d_model projection (unset = d_model, no projection).
   c.share_layers = False  # ALBERT: one set of layer parameters used at every depth of a stack.
   c.attention_kind = 'full'  # Self-attention: full (the paper) | local (a sliding window,
-  # computed in blocks: memory L x window, not L^2) | low_rank (Linformer; bidirectional, no
-  # packing). See transformer/attention_kinds.py.
-  c.attention_window = 128  # attention_kind=local: keys fewer than this many positions away.
+  # computed in blocks: memory L x window, not L^2) | strided (Sparse Transformer: the window
+  # plus every window-th key back, memory L x (window + L / window)) | low_rank (Linformer;
+  # bidirectional, no packing) | lsh (Reformer: shared-QK, hashed into buckets; no cached
+  # decoding, no logit-bias positions). See transformer/attention_kinds.py.
+  c.attention_window = 128  # local: keys fewer than this many positions away; strided: that
+  # window and the stride; lsh: the chunk (keys fewer than this many places away in its sort).
   c.low_rank_dim = 64  # attention_kind=low_rank: rows the keys and values are projected to.
+  c.lsh_buckets = 8  # attention_kind=lsh: hash buckets per round (even: argmax over [xR; -xR]).
+  c.lsh_rounds = 2  # attention_kind=lsh: hashing rounds, joined in one softmax.
   c.logits_bias = False  # A learned bias on the output logits (Marian's final_logits_bias).
   c.output_rsqrt_scale = False  # Hidden states x d_model^-0.5 before the output projection (T5).
   c.dtype = 'float32'  # Compute dtype: float32 | bfloat16. Parameters stay float32.

@@ -3,7 +3,7 @@ r"""Train-step time and memory against sequence length, for each attention kind.
   python -m launch.benchmark_length --config=configs/gpt_causal.py:small \
       --lengths=256,512,1024,2048,4096,8192 --kinds=full,local --out=runs/length_scaling
   python -m launch.benchmark_length --config=configs/bert_mlm.py:small --config.packing=False \
-      --kinds=full,local,low_rank --out=runs/length_scaling_bert
+      --kinds=full,local,strided,low_rank,lsh --out=runs/length_scaling_bert
 
 The token budget per step is fixed (--tokens_per_step; batch = budget / length), so a kind whose
 cost grows as L^2 shows it, and one that grows as L stays flat per token. For each (kind, length):
@@ -25,7 +25,7 @@ from etils import epath
 from matplotlib.figure import Figure
 from ml_collections import config_flags
 
-from transformer import distributed, optim, perf, sharding, train, variants
+from transformer import attention_kinds, distributed, optim, perf, sharding, train, variants
 
 VOCAB = 256
 
@@ -87,6 +87,9 @@ def write_plot(path: epath.Path, rows: list[dict]):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  unknown = [kind for kind in flags.FLAGS.kinds if kind not in attention_kinds.KINDS]
+  if unknown:
+    raise app.UsageError(f'--kinds: {", ".join(unknown)} not in {", ".join(attention_kinds.KINDS)}')
   config = flags.FLAGS.config
   distributed.initialize(1, config.keep_host_memory)  # one device: no collectives in the way
   rows = []
@@ -95,13 +98,17 @@ def main(argv):
       config.attention_kind = kind
       row = dict(kind=kind, length=length, **measure(config, length))
       rows.append(row)
-      print(f'{kind:>6} L={length:>5} batch {row["batch"]:>3}: {row["step_ms"]:9.1f} ms/step, '
+      print(f'{kind:>8} L={length:>5} batch {row["batch"]:>3}: {row["step_ms"]:9.1f} ms/step, '
             f'{row["tokens_per_s"]:9.0f} tokens/s, {row["temp_mib"]:8.1f} MiB temporary',
             flush=True)
   peak = perf.measure_matmul_peak()
   out = epath.Path(flags.FLAGS.out)
   out.mkdir(parents=True, exist_ok=True)
-  window = f', attention_window={config.attention_window}' if 'local' in flags.FLAGS.kinds else ''
+  kinds = set(flags.FLAGS.kinds)
+  window = (f', attention_window={config.attention_window}'
+            if kinds & {'local', 'strided', 'lsh'} else '')
+  if 'lsh' in kinds:
+    window += f', lsh_buckets={config.lsh_buckets}, lsh_rounds={config.lsh_rounds}'
   lines = [f'{config.variant}:{config.size}, {flags.FLAGS.tokens_per_step} tokens per step'
            f'{window}; float32 matmul peak {peak / 1e9:.0f} GFLOP/s on {os.cpu_count()} CPU '
            f'core(s) ({jax.devices()[0].platform})', '',

@@ -263,6 +263,7 @@ def one_token_at_a_time(step, cache, ids_BxL):
 
 
 LOCAL = dict(attention_kind='local', attention_window=3)  # 3 blocks of the 9 tokens
+STRIDED = dict(attention_kind='strided', attention_window=3)  # token 8 also reads 5 and 2
 
 
 @pytest.mark.parametrize('attention', [{}, LOCAL], ids=['full', 'local'])
@@ -291,6 +292,14 @@ def test_causal_lm_has_no_future_leakage_and_cache_equals_full(positional, moder
     np.testing.assert_allclose(cached_BxTxV[row], alone[0, 3 - start:], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize('positional', POSITIONALS)
+def test_strided_causal_lm_has_no_future_leakage_and_cache_equals_full(positional):
+  """The same checks for strided attention (the paper's block only: the block's switches do not
+  touch the pattern), whose decoding reads the whole cache under the strided pattern over
+  positions (the left-padded row's positions skip its pads)."""
+  test_causal_lm_has_no_future_leakage_and_cache_equals_full(positional, False, STRIDED)
+
+
 @pytest.mark.parametrize('attention', [{}, LOCAL], ids=['full', 'local'])
 @pytest.mark.parametrize('positional', POSITIONALS)
 def test_encoder_decoder_cache_equals_full(positional, attention):
@@ -298,14 +307,63 @@ def test_encoder_decoder_cache_equals_full(positional, attention):
   config.update(positional=positional, **MODERN, **attention)
   model = variants.build_model(config, VOCAB)
   src = jax.random.randint(jax.random.key(0), (2, 7), 4, VOCAB).at[1, 5:].set(0)
-  tgt = jax.random.randint(jax.random.key(1), (2, 6), 4, VOCAB)
+  tgt = jax.random.randint(jax.random.key(1), (2, 9), 4, VOCAB)  # local: the ring wraps twice
   params = randomize(unbox_init(model, src, tgt))
   full = model.apply({'params': params}, src, tgt)
   encoded = model.apply({'params': params}, src, method='encode')
-  cache = decode.init_cache(model, 2, 6, encoded_BxSxD=encoded, inputs_BxS=src)
+  cache = decode.init_cache(model, 2, 9, encoded_BxSxD=encoded, inputs_BxS=src)
   step = lambda cache, ids: model.apply({'params': params, 'cache': cache}, encoded, src, ids,
                                         decode=True, mutable=['cache'], method='decode')
   np.testing.assert_allclose(one_token_at_a_time(step, cache, tgt), full, atol=1e-4, rtol=1e-4)
+
+
+def test_local_cache_is_a_ring_of_the_window_and_equals_full():
+  """Local attention decodes through a ring buffer of attention_window slots whatever the decode
+  length (memory O(w)); a 5-token prefill (the ring wraps inside it), then one token at a time
+  over 4 windows, equals the full forward (learned positions)."""
+  model, _, params = gpt(**LOCAL)
+  x = jax.random.randint(jax.random.key(2), (2, 12), 4, VOCAB)
+  cache = decode.init_cache(model, 2, 12)
+  shapes = jax.tree.map(jnp.shape, cache)
+  assert shapes == jax.tree.map(jnp.shape, decode.init_cache(model, 2, 48))
+  assert shapes['stack']['layer_0']['self_attention']['cached_key'] == (2, 3, 2, 16)  # [B, C, G, E]
+  step = jax.jit(lambda cache, ids: model.apply({'params': params, 'cache': cache}, ids,
+                                                decode=True, mutable=['cache']))
+  prefill, mutated = step(cache, x[:, :5])
+  rest = one_token_at_a_time(step, mutated['cache'], x[:, 5:])
+  full = jax.jit(lambda params, x: model.apply({'params': params}, x))(params, x)
+  np.testing.assert_allclose(jnp.concatenate([prefill, rest], 1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_local_prefix_lm_cache_equals_full():
+  """unilm_prefix with local attention (window 3) through the ring buffer, fed as decode.py does:
+  sources longer than the window padded after their tokens (prefix_len counts the pads), here
+  with the first two target tokens in the same call (the prefix mask then separates them from
+  the source), then one token at a time. Each row's logits equal the full forward of its
+  sequence without the source's pads."""
+  config = unilm_prefix.get_config('tiny')
+  config.update(positional='relative_bias', **LOCAL)
+  model = variants.build_model(config, VOCAB)
+  ids = jax.random.randint(jax.random.key(3), (2, 12), 4, VOCAB)
+  source_lens, padded_len, steps = (6, 4), 7, 4
+  prompt = jnp.stack([jnp.concatenate([ids[b, :n], jnp.zeros(padded_len - n, jnp.int32),
+                                       ids[b, n:n + 2]]) for b, n in enumerate(source_lens)])
+  rest = jnp.stack([ids[b, n + 2:n + 2 + steps] for b, n in enumerate(source_lens)])
+  prefix_len = jnp.full((2,), padded_len)
+  params = randomize(unbox_init(model, prompt, prefix_len=prefix_len))
+  step = jax.jit(lambda cache, ids: model.apply({'params': params, 'cache': cache}, ids,
+                                                prefix_len=prefix_len, decode=True,
+                                                mutable=['cache']))
+  prompt_logits, mutated = step(decode.init_cache(model, 2, 12, prefix_len_B=prefix_len), prompt)
+  rest_logits = one_token_at_a_time(step, mutated['cache'], rest)
+  # Pads at the end of the shorter sequence change none of the logits before them.
+  tight = jnp.where(jnp.arange(12)[None] < jnp.asarray(source_lens)[:, None] + 2 + steps, ids, 0)
+  full = jax.jit(lambda params, ids: model.apply({'params': params}, ids, prefix_len=jnp.asarray(
+      source_lens)))(params, tight)
+  for b, n in enumerate(source_lens):
+    cached = jnp.concatenate([prompt_logits[b, :n], prompt_logits[b, padded_len:],
+                              rest_logits[b]])
+    np.testing.assert_allclose(cached, full[b, :n + 2 + steps], atol=1e-4, rtol=1e-4)
 
 
 def test_grouped_query_cache_holds_only_the_key_value_heads():

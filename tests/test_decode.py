@@ -117,6 +117,21 @@ def test_cache_matches_recompute(tiny_models, variant, beam_size):
   assert_well_formed(cached)
 
 
+def test_local_attention_beams_through_the_ring_match_recompute(tiny_models):
+  """original with local attention (window 2) decodes 8 tokens through a ring buffer of 2 slots,
+  which beam search reorders with the rest of the cache at every step: the beams and their
+  scores equal those of recomputing every prefix without a cache (no eos: all 8 steps run)."""
+  _, params = tiny_models['original']  # local attention adds no parameters
+  config = original.get_config('tiny')
+  config.update(tie_output=False, attention_kind='local', attention_window=2)
+  model = variants.build_model(config, VOCAB)
+  settings = dict(max_len=MAX_LEN, beam_size=3, eos_id=-1)
+  cached, cached_scores = decode.beam_search(model, params, SOURCES, **settings)
+  recomputed, scores = decode.beam_search(model, params, SOURCES, cache=False, **settings)
+  np.testing.assert_array_equal(cached, recomputed)
+  np.testing.assert_allclose(cached_scores, scores, rtol=1e-5)
+
+
 @pytest.mark.parametrize('positional', ['learned', 'sinusoidal'])
 def test_gpt_cached_logits_of_left_padded_prompts_match_unpadded_forward(positional):
   """Every step's logits when generate's cache runs a batch of left-padded prompts equal those of

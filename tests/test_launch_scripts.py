@@ -149,11 +149,14 @@ def test_benchmark_memory_fsdp_holds_an_eighth_per_device():
 
 
 @pytest.mark.parametrize('kind, growth', [('full', (6, 20)), ('local', (0.5, 2)),
-                                          ('low_rank', (0.5, 2))])
+                                          ('strided', (1.1, 3)), ('low_rank', (0.5, 2)),
+                                          ('lsh', (0.5, 2))])
 def test_attention_memory_grows_as_each_kind_says(kind, growth):
   """At a fixed token budget the step's planned memory grows with L for full attention (logits
-  [B, H, L, L]: towards x16 from 64 to 1024 tokens as they come to dominate) and stays about
-  flat for local and low-rank attention (L x window, L x rank)."""
+  [B, H, L, L]: towards x16 from 64 to 1024 tokens as they come to dominate), stays about flat
+  for local, low-rank and lsh attention (L x window, L x rank, L x rounds x chunk), and grows
+  only with the L / window strided keys for strided attention (52 -> 112 keys per query here:
+  x1.5 measured)."""
   from configs import bert_mlm  # pylint: disable=import-outside-toplevel
   from launch import benchmark_length  # pylint: disable=import-outside-toplevel
   config = bert_mlm.get_config('tiny')

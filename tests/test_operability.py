@@ -99,7 +99,21 @@ def resumable(trained, tmp_path) -> str:
                                         'config.num_kv_heads=3'),
     (dict(attention_kind='low_rank'), 'not variant=original, packing=False, '
                                       'positional=sinusoidal'),
-    (dict(attention_kind='sparse'), "config.attention_kind='sparse' is not one of full, local"),
+    (dict(attention_kind='sparse'),
+     "config.attention_kind='sparse' is not one of full, local, strided, low_rank, lsh"),
+    (dict(attention_kind='strided', attention_window=0),
+     'config.attention_window=0 must be at least 1 (attention_kind=strided)'),
+    (dict(attention_kind='strided', attention_impl='cudnn'),
+     'config.attention_kind=strided joins several key sets in one softmax of its own: '
+     'attention_impl=cudnn cannot compute it'),
+    (dict(attention_kind='lsh', lsh_buckets=3), 'config.lsh_buckets=3 must be even and at least 2'),
+    (dict(attention_kind='lsh', lsh_rounds=0), 'config.lsh_rounds=0 must be at least 1'),
+    (dict(attention_kind='lsh', positional='alibi'),
+     'config.attention_kind=lsh reads its keys in hash-bucket order, for which no logit bias is '
+     'computed: positional=alibi cannot be used with it'),
+    (dict(attention_kind='lsh', qk_norm=True),
+     'config.attention_kind=lsh has no keys of its own (each is its query, unit-normalised): '
+     'set qk_norm=False'),
     (dict(attention_impl='flash'), "config.attention_impl='flash' is not one of xla, cudnn, auto"),
     (dict(remat='some'), "config.remat='some' is not one of none, full, dots, dots_no_batch"),
     (dict(scan_layers=True, share_layers=True), 'config.share_layers has one for all'),

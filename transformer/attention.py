@@ -9,6 +9,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from transformer import attention_kinds, masks, norms, positions
 
@@ -41,13 +42,22 @@ class MultiHeadAttention(nn.Module):
 
   With `decode=True` (self-attention only), new keys/values are written into a cache at
   `cache_slot` and the queries attend over the whole cache; the caller's mask then spans the
-  cache ([B, 1, Q, C]). The cache is sized by the sequence length of the `init` call.
+  cache ([B, 1, Q, C]). The cache is sized by the sequence length of the `init` call, except
+  with ring_cache_size (local attention): a ring buffer of that many slots per row, written at
+  the slots `cache_slot` [B, Q], and the queries attend over the ring as it was, followed by the
+  new keys ([B, 1, Q, C + Q]; DecodeCursor says which slots hold what).
 
   attention_window (self-attention, not decoding): local attention computed block by block
   (attention_kinds.py); the caller's mask and logit bias are then those of the blocks
   ([B * N, 1, W, K] and [B * N, H, W, K]), and `causal` says which key blocks a block reads.
   low_rank_dim (bidirectional self-attention): Linformer's projection of the keys and values
   along the sequence (_project_length).
+  stride (self-attention): strided attention, its local and strided parts computed block by
+  block and joined in one softmax (_strided_attend); the caller's mask and logit bias are then
+  pairs, one per part ([B * N, 1, W, K], [B * S, 1, N, N]; the biases with H for 1). Decoding
+  reads the cache under the caller's (strided) mask.
+  lsh_buckets (self-attention, not decoding): Reformer's LSH attention (_lsh_attend), with no
+  key projection; the caller's mask is then a masks.TokenMask.
   """
   num_heads: int
   dropout_rate: float = 0.0
@@ -60,9 +70,14 @@ class MultiHeadAttention(nn.Module):
   rope_theta: Optional[float] = None  # Rotary positions with this base (None: no rotation).
   attention_window: Optional[int] = None  # Local attention over this window (None: full).
   causal: bool = False  # Local attention: no key block after the query block is read.
+  stride: Optional[int] = None  # Strided attention (Sparse Transformer): its window and stride.
+  lsh_buckets: Optional[int] = None  # LSH attention (Reformer): buckets per hashing round.
+  lsh_rounds: int = 1  # LSH attention: hashing rounds.
+  lsh_chunk: int = 0  # LSH attention: a query reads keys fewer places away in the sorted order.
   low_rank_dim: Optional[int] = None  # Linformer: keys and values projected to this many rows.
   max_len: int = 0  # low_rank_dim: the longest sequence its length projections take.
   impl: str = 'xla'  # An IMPLS name: how softmax(Q K^T) V is computed.
+  ring_cache_size: Optional[int] = None  # Decoding: a ring-buffer cache of this many slots.
 
   @nn.compact
   def __call__(self, x_BxQxD: Array, kv_BxKxD: Array, mask_Bx1xQxK: Optional[Array], *,
@@ -76,6 +91,10 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f'd_model={d_model} must be divisible by num_heads={self.num_heads}, and '
                        f'num_heads by num_kv_heads={num_kv_heads}')
     head_dim = d_model // self.num_heads
+    if decode and self.lsh_buckets:
+      raise ValueError('config.attention_kind=lsh has no cached decoding: its buckets and their '
+                       'order are those of the whole sequence (decode.py recomputes the prefix '
+                       'at every step instead).')
 
     # By default no biases, as in the paper (W^Q, W^K, W^V, W^O); a key bias would get an
     # exactly-zero gradient (softmax is shift-invariant), which Adam turns into noisy updates.
@@ -84,7 +103,9 @@ class MultiHeadAttention(nn.Module):
       return y.reshape(*x.shape[:-1], heads, head_dim)
 
     q_BxQxHxE = project(x_BxQxD, self.num_heads, 'query')
-    k_BxKxGxE = project(kv_BxKxD, num_kv_heads, 'key')  # G: key/value heads
+    # lsh (Reformer's shared-QK): no key projection, the keys are the queries (unit-normalised
+    # in _lsh_attend). G: key/value heads.
+    k_BxKxGxE = q_BxQxHxE if self.lsh_buckets else project(kv_BxKxD, num_kv_heads, 'key')
     v_BxKxGxE = project(kv_BxKxD, num_kv_heads, 'value')
     if self.qk_norm:
       norm = lambda name: norms.make_norm(self.qk_norm, self.norm_epsilon, self.dtype, name,
@@ -99,7 +120,13 @@ class MultiHeadAttention(nn.Module):
     if self.low_rank_dim:  # every query reads the r projected rows: no mask is left to apply
       k_BxKxGxE, v_BxKxGxE = self._project_length(k_BxKxGxE, v_BxKxGxE, mask_Bx1xQxK)
       mask_Bx1xQxK = None
-    if self.attention_window and not decode:  # local: the same attention, a block at a time
+    if self.lsh_buckets:  # sorted by hash: a query reads the nearest keys in its bucket
+      out_BxQxHxE = self._lsh_attend(q_BxQxHxE, k_BxKxGxE, v_BxKxGxE, mask_Bx1xQxK,
+                                     deterministic)
+    elif self.stride and not decode:  # strided: a local and a strided part, one softmax
+      out_BxQxHxE = self._strided_attend(q_BxQxHxE, k_BxKxGxE, v_BxKxGxE, mask_Bx1xQxK,
+                                         logit_bias_BxHxQxK, deterministic)
+    elif self.attention_window and not decode:  # local: the same attention, a block at a time
       length = q_BxQxHxE.shape[1]
       q_idx_NxW, kv_idx_NxK = attention_kinds.local_blocks(length, self.attention_window,
                                                            self.causal)
@@ -117,6 +144,87 @@ class MultiHeadAttention(nn.Module):
         self.sow('intermediates', 'attention_weights', weights_BxHxQxK)  # For visualization.
     out_BxQxD = out_BxQxHxE.reshape(*out_BxQxHxE.shape[:2], d_model)
     return dense(d_model, ('heads', 'embed'), self.dtype, 'out', use_bias=self.use_bias)(out_BxQxD)
+
+  def _strided_attend(self, q_BxQxHxE, k_BxKxGxE, v_BxKxGxE, part_masks, part_biases,
+                      deterministic):
+    """Strided attention (attention_kinds.py): each part's blocks under its mask and bias, the
+    parts joined in one softmax over the union of their keys. -> [B, Q, H, E]."""
+    batch, length = q_BxQxHxE.shape[:2]
+    outs, lses = [], []
+    for (q_idx_NxW, kv_idx_NxK), mask_Nx1xWxK, bias_NxHxWxK in zip(
+        attention_kinds.strided_parts(length, self.stride, self.causal), part_masks,
+        part_biases or (None, None)):
+      q_NxWxHxE, k_NxKxGxE, v_NxKxGxE = (
+          attention_kinds.fold(attention_kinds.gather_blocks(x, idx))
+          for x, idx in ((q_BxQxHxE, q_idx_NxW), (k_BxKxGxE, kv_idx_NxK),
+                         (v_BxKxGxE, kv_idx_NxK)))
+      out_NxWxHxE, lse_NxHxW = self._attend_part(q_NxWxHxE, k_NxKxGxE, v_NxKxGxE, mask_Nx1xWxK,
+                                                 bias_NxHxWxK, deterministic)
+      outs.append(attention_kinds.in_query_order(out_NxWxHxE, q_idx_NxW, batch, length))
+      lses.append(attention_kinds.in_query_order(jnp.swapaxes(lse_NxHxW, 1, 2), q_idx_NxW,
+                                                 batch, length))
+    return attention_kinds.combine_by_logsumexp(jnp.stack(outs), jnp.stack(lses))
+
+  def _lsh_attend(self, q_BxLxHxE, k_BxLxHxE, v_BxLxGxE, token_mask, deterministic):
+    """Reformer's LSH attention (attention_kinds.py): the keys k (the queries) unit-normalised,
+    hashed and sorted per round and head; in each round, local attention over the sorted order
+    (blocks of lsh_chunk sorted places) within the query's bucket, under the ordinary mask
+    (token_mask, by the tokens' indices in the row), the query's own key penalised; the rounds
+    joined in one softmax. -> [B, L, H, E]."""
+    batch, length, num_heads, head_dim = q_BxLxHxE.shape
+    rounds = self.lsh_rounds
+    # Shared-QK's key: the query unit-normalised (the 1e-6 keeps a zero query's key finite).
+    k_f32 = k_BxLxHxE.astype(jnp.float32)
+    k_BxLxHxE = (k_f32 * jax.lax.rsqrt(jnp.sum(k_f32 * k_f32, -1, keepdims=True) + 1e-6)).astype(
+        q_BxLxHxE.dtype)
+    # Fresh rotations at every training step; fixed ones elsewhere, for reproducible outputs.
+    rng = (self.make_rng('dropout') if not deterministic
+           else jax.random.key(attention_kinds.LSH_EVAL_SEED))
+    rotations_RxHxExF = attention_kinds.lsh_rotations(rng, rounds, num_heads, head_dim,
+                                                      self.lsh_buckets)
+    buckets_BxRxHxL = attention_kinds.lsh_buckets(k_BxLxHxE, rotations_RxHxExF)
+    order_BxRxHxL = attention_kinds.lsh_order(buckets_BxRxHxL, token_mask.valid_BxL,
+                                              self.lsh_buckets)
+    # Blocks of sorted places (those >= L do not exist), and the token at each place.
+    q_idx_NxW, kv_idx_NxK = attention_kinds.local_blocks(length, self.lsh_chunk, self.causal)
+    token_at = lambda idx: order_BxRxHxL[..., np.clip(idx, 0, length - 1)]
+    q_token_BxRxHxNxW, kv_token_BxRxHxNxK = token_at(q_idx_NxW), token_at(kv_idx_NxK)
+    bucket_at = lambda token: jnp.take_along_axis(
+        buckets_BxRxHxL, token.reshape(*token.shape[:3], -1), axis=-1).reshape(token.shape)
+    # Keys at existing sorted places fewer than lsh_chunk from the query's, in its bucket.
+    exists_NxK = (kv_idx_NxK >= 0) & (kv_idx_NxK < length)
+    places_NxWxK = (masks.window_mask(q_idx_NxW, kv_idx_NxK, self.lsh_chunk)[:, 0]
+                    & exists_NxK[:, None, :])
+    mask_BxRxHxNxWxK = (masks.token_pairs_mask(token_mask, q_token_BxRxHxNxW, kv_token_BxRxHxNxK)
+                        & (bucket_at(q_token_BxRxHxNxW)[..., :, None]
+                           == bucket_at(kv_token_BxRxHxNxK)[..., None, :])
+                        & places_NxWxK[None, None, None])
+    itself_BxRxHxNxWxK = q_token_BxRxHxNxW[..., :, None] == kv_token_BxRxHxNxK[..., None, :]
+
+    def blocks(x_BxLxHxE, token_BxRxHxNxT):  # -> [B * R * H * N, T, 1, E]: heads in the batch
+      x_BxRxHxLxE = jnp.broadcast_to(jnp.swapaxes(x_BxLxHxE, 1, 2)[:, None],
+                                     (batch, rounds, num_heads, length, head_dim))
+      token_BxRxHxNT = token_BxRxHxNxT.reshape(batch, rounds, num_heads, -1)
+      return jnp.take_along_axis(x_BxRxHxLxE, token_BxRxHxNT[..., None], axis=3).reshape(
+          -1, token_BxRxHxNxT.shape[-1], 1, head_dim)
+
+    v_BxLxHxE = jnp.repeat(v_BxLxGxE, num_heads // v_BxLxGxE.shape[2], axis=2)
+    width, num_k = q_idx_NxW.shape[1], kv_idx_NxK.shape[1]
+    out_BRHNxWx1xE, lse_BRHNx1xW = self._attend_part(
+        blocks(q_BxLxHxE, q_token_BxRxHxNxW), blocks(k_BxLxHxE, kv_token_BxRxHxNxK),
+        blocks(v_BxLxHxE, kv_token_BxRxHxNxK), mask_BxRxHxNxWxK.reshape(-1, 1, width, num_k),
+        (-attention_kinds.LSH_SELF_PENALTY * itself_BxRxHxNxWxK).reshape(-1, 1, width, num_k),
+        deterministic)
+    # Back from sorted places to the tokens' order: place p holds token order[p].
+    unsort_BxRxHxL = jnp.argsort(order_BxRxHxL, axis=-1)
+    out_BxRxHxLxE = jnp.take_along_axis(
+        out_BRHNxWx1xE.reshape(batch, rounds, num_heads, -1, head_dim)[..., :length, :],
+        unsort_BxRxHxL[..., None], axis=3)
+    lse_BxRxHxL = jnp.take_along_axis(
+        lse_BRHNx1xW.reshape(batch, rounds, num_heads, -1)[..., :length], unsort_BxRxHxL,
+        axis=3)
+    return attention_kinds.combine_by_logsumexp(jnp.moveaxis(out_BxRxHxLxE, (1, 2), (0, 3)),
+                                                jnp.moveaxis(lse_BxRxHxL, (1, 2), (0, 3)))
 
   def _project_length(self, k_BxKxGxE, v_BxKxGxE, mask_Bx1xQxK):
     """Linformer: K' = E_k K and V' = E_v V, with learned E [r, max_len] (one per layer for keys
@@ -152,6 +260,24 @@ class MultiHeadAttention(nn.Module):
           scale=None if self.scale_logits else 1.0,
           implementation='cudnn' if self.impl == 'cudnn' else None)
       return out_BxQxHxE, None
+    weights_BxHxQxK = jax.nn.softmax(
+        self._logits(q_BxQxHxE, k_BxKxGxE, mask_Bx1xQxK, logit_bias_BxHxQxK),
+        axis=-1).astype(self.dtype)
+    return self._mix(weights_BxHxQxK, v_BxKxGxE, deterministic), weights_BxHxQxK
+
+  def _attend_part(self, q_BxQxHxE, k_BxKxGxE, v_BxKxGxE, mask_Bx1xQxK, logit_bias_BxHxQxK,
+                   deterministic):
+    """_attend over one of several key sets that share one softmax (a strided pass's parts, an
+    lsh pass's rounds): (output, logsumexp of the logits [B, H, Q]), which
+    attention_kinds.combine_by_logsumexp combines."""
+    logits_BxHxQxK = self._logits(q_BxQxHxE, k_BxKxGxE, mask_Bx1xQxK, logit_bias_BxHxQxK)
+    weights_BxHxQxK = jax.nn.softmax(logits_BxHxQxK, axis=-1).astype(self.dtype)
+    return (self._mix(weights_BxHxQxK, v_BxKxGxE, deterministic),
+            jax.nn.logsumexp(logits_BxHxQxK, axis=-1))
+
+  def _logits(self, q_BxQxHxE, k_BxKxGxE, mask_Bx1xQxK, logit_bias_BxHxQxK):
+    """Q K^T (/ sqrt(E)) + bias in float32, query head h reading key head h // (H / G), and a
+    large negative where the mask forbids: [B, H, Q, K]."""
     batch, num_q, num_heads, head_dim = q_BxQxHxE.shape
     num_k, num_kv_heads = k_BxKxGxE.shape[1], k_BxKxGxE.shape[2]
     groups = num_heads // num_kv_heads
@@ -169,25 +295,45 @@ class MultiHeadAttention(nn.Module):
     if mask_Bx1xQxK is not None:
       # A large finite negative (not -inf): a fully masked row (padding query) stays finite.
       logits_BxHxQxK = jnp.where(mask_Bx1xQxK, logits_BxHxQxK, jnp.finfo(jnp.float32).min)
-    weights_BxHxQxK = jax.nn.softmax(logits_BxHxQxK, axis=-1).astype(self.dtype)
+    return logits_BxHxQxK
+
+  def _mix(self, weights_BxHxQxK, v_BxKxGxE, deterministic):
+    """Attention dropout on the weights, then their sum of the values, query head h reading
+    value head h // (H / G): [B, Q, H, E]."""
+    batch, num_heads, num_q, num_k = weights_BxHxQxK.shape
+    num_kv_heads, head_dim = v_BxKxGxE.shape[2:]
+    groups = num_heads // num_kv_heads
     dropped_BxHxQxK = nn.Dropout(self.dropout_rate)(weights_BxHxQxK, deterministic=deterministic)
     if groups == 1:
-      return jnp.einsum('bhqk,bkhe->bqhe', dropped_BxHxQxK, v_BxKxGxE), weights_BxHxQxK
+      return jnp.einsum('bhqk,bkhe->bqhe', dropped_BxHxQxK, v_BxKxGxE)
     dropped_BxGxRxQxK = dropped_BxHxQxK.reshape(batch, num_kv_heads, groups, num_q, num_k)
     return jnp.einsum('bgrqk,bkge->bqgre', dropped_BxGxRxQxK, v_BxKxGxE).reshape(
-        batch, num_q, num_heads, head_dim), weights_BxHxQxK
+        batch, num_q, num_heads, head_dim)
 
   def _update_cache(self, k_BxQxHxE, v_BxQxHxE, cache_slot, cache_index):
-    """Writes the new keys/values at slot `cache_slot` and returns the whole cache.
+    """Writes the new keys/values at slot `cache_slot` and returns the whole cache; with a ring
+    buffer, writes them at the slots cache_slot [B, Q] (out of range: not kept) and returns the
+    ring as it was before, followed by the new keys/values: [B, C + Q, H, E].
 
     cache_index names one cache per call of a layer shared by several depths (share_layers).
     """
     suffix = '' if cache_index is None else f'_{cache_index}'
     initialized = self.has_variable('cache', f'cached_key{suffix}')
-    key_cache = self.variable('cache', f'cached_key{suffix}', jnp.zeros, k_BxQxHxE.shape,
-                              k_BxQxHxE.dtype)
-    value_cache = self.variable('cache', f'cached_value{suffix}', jnp.zeros, v_BxQxHxE.shape,
+    batch, _, heads, head_dim = k_BxQxHxE.shape
+    shape = (k_BxQxHxE.shape if self.ring_cache_size is None
+             else (batch, self.ring_cache_size, heads, head_dim))
+    key_cache = self.variable('cache', f'cached_key{suffix}', jnp.zeros, shape, k_BxQxHxE.dtype)
+    value_cache = self.variable('cache', f'cached_value{suffix}', jnp.zeros, shape,
                                 v_BxQxHxE.dtype)
+    if self.ring_cache_size:
+      caches_and_new = ((key_cache, k_BxQxHxE), (value_cache, v_BxQxHxE))
+      # The queries read the new keys too: a prefill longer than the ring still reads itself.
+      read = tuple(jnp.concatenate([cache.value, new], axis=1) for cache, new in caches_and_new)
+      if initialized:  # The init call only sizes the ring.
+        rows_Bx1 = jnp.arange(batch)[:, None]
+        for cache, new in caches_and_new:
+          cache.value = cache.value.at[rows_Bx1, cache_slot].set(new, mode='drop')
+      return read
     if not initialized:  # The init call only sizes the cache.
       return k_BxQxHxE, v_BxQxHxE
     start = (0, cache_slot, 0, 0)
@@ -202,14 +348,25 @@ class DecodeCursor(nn.Module):
   Given the validity of Q new tokens, returns their first cache slot, their positions (pads
   between a prompt and its continuation do not advance positions), the [B, 1, Q, C]
   self-attention mask over the cache, for the 'causal' or 'prefix' mask kind (with local
-  attention's window over positions), and the positions of every cached key [B, C] (for
-  position-dependent logit biases).
+  attention's window, or strided attention's pattern, over positions), and the positions of
+  every cached key [B, C] (for position-dependent logit biases).
+
+  With ring_size C (local attention) the cache is a ring buffer that keeps each row's last C
+  real tokens, the one at position p in slot p mod C: memory O(C) whatever the decode length.
+  Pads take no slot, so a padded prompt cannot push real tokens out of the ring. It then
+  returns the slots [B, Q] to write the new tokens at (C: not kept), and the mask and key
+  positions span the ring as it was followed by the new tokens ([B, 1, Q, C + Q], [B, C + Q]),
+  as MultiHeadAttention reads them.
   """
   kind: str
   window: Optional[int] = None  # local attention: only keys fewer positions away than this
+  ring_size: Optional[int] = None  # a ring-buffer cache of this many slots (None: linear)
+  stride: Optional[int] = None  # strided attention: keys within or a multiple of this away
 
   @nn.compact
   def __call__(self, valid_BxQ: Array, prefix_len_B: Optional[Array] = None):
+    if self.ring_size:
+      return self._ring_buffer(valid_BxQ, prefix_len_B)
     batch, num_new = valid_BxQ.shape
     initialized = self.has_variable('cache', 'slot')
     slot = self.variable('cache', 'slot', lambda: jnp.zeros((), jnp.int32))
@@ -239,5 +396,50 @@ class DecodeCursor(nn.Module):
       raise ValueError(f'Cannot decode incrementally with mask kind {self.kind!r}')
     local = None if self.window is None else masks.window_mask(positions_BxQ, kv_positions_BxC,
                                                                 self.window)
-    mask = masks.combine(masks.padding_mask(kv_valid_BxC), structure, local)
+    strided = (None if self.stride is None
+               else masks.strided_mask(positions_BxQ, kv_positions_BxC, self.stride))
+    mask = masks.combine(masks.padding_mask(kv_valid_BxC), structure, local, strided)
     return q_slots_Q[0], positions_BxQ, mask, kv_positions_BxC
+
+  def _ring_buffer(self, valid_BxQ: Array, prefix_len_B: Optional[Array]):
+    """__call__ with a ring-buffer cache (the class docstring)."""
+    batch, num_new = valid_BxQ.shape
+    size = self.ring_size
+    initialized = self.has_variable('cache', 'next_position')
+    next_position = self.variable('cache', 'next_position', jnp.zeros, (batch,), jnp.int32)
+    # Per slot: whether it holds a real token, and that token's position.
+    ring_valid = self.variable('cache', 'kv_valid', jnp.zeros, (batch, size), jnp.bool_)
+    ring_positions = self.variable('cache', 'kv_positions', jnp.zeros, (batch, size), jnp.int32)
+
+    valid_int = valid_BxQ.astype(jnp.int32)
+    positions_BxQ = next_position.value[:, None] + jnp.cumsum(valid_int, axis=1) - valid_int
+    end_B = next_position.value + valid_int.sum(axis=1)
+    # A row's last `size` real tokens take distinct slots; those before them (in a prefill
+    # longer than the ring) are read by this call's queries only.
+    kept_BxQ = valid_BxQ & (positions_BxQ >= end_B[:, None] - size)
+    slots_BxQ = jnp.where(kept_BxQ, positions_BxQ % size, size)
+    kv_valid_BxK = jnp.concatenate([ring_valid.value, valid_BxQ], axis=1)
+    kv_positions_BxK = jnp.concatenate([ring_positions.value, positions_BxQ], axis=1)
+
+    # Positions, not slots, order the keys: slots wrap around.
+    if self.kind == 'causal':
+      structure = masks.causal_mask(positions_BxQ, kv_positions_BxK)
+    elif self.kind == 'prefix':
+      # prefix_len counts the tokens fed, pads included (as the linear cache's slots do). Only
+      # the new keys need the flag: the ring's precede every new query, so causal shows them.
+      tokens_fed = self.variable('cache', 'tokens_fed', lambda: jnp.zeros((), jnp.int32))
+      in_prefix_BxQ = (tokens_fed.value + jnp.arange(num_new))[None, :] < prefix_len_B[:, None]
+      in_prefix_BxK = jnp.concatenate([jnp.zeros_like(ring_valid.value), in_prefix_BxQ], axis=1)
+      structure = masks.source_prefix_mask(in_prefix_BxK, positions_BxQ, kv_positions_BxK)
+      if initialized:
+        tokens_fed.value = tokens_fed.value + num_new
+    else:
+      raise ValueError(f'Cannot decode incrementally with mask kind {self.kind!r}')
+    if initialized:  # The init call only sizes the ring.
+      rows_Bx1 = jnp.arange(batch)[:, None]
+      for ring, new_BxQ in ((ring_valid, valid_BxQ), (ring_positions, positions_BxQ)):
+        ring.value = ring.value.at[rows_Bx1, slots_BxQ].set(new_BxQ, mode='drop')
+      next_position.value = end_B
+    local = masks.window_mask(positions_BxQ, kv_positions_BxK, self.window)
+    mask = masks.combine(masks.padding_mask(kv_valid_BxK), structure, local)
+    return slots_BxQ, positions_BxQ, mask, kv_positions_BxK

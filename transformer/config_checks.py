@@ -46,8 +46,27 @@ def _problems(config) -> list[str]:
     problems.append(f'config.num_heads={config.num_heads} is not divisible by '
                     f'config.num_kv_heads={config.num_kv_heads} (each key/value head serves a '
                     'group of query heads).')
-  if config.attention_kind == 'local' and config.attention_window < 1:
-    problems.append(f'config.attention_window={config.attention_window} must be at least 1.')
+  if config.attention_kind in ('local', 'strided', 'lsh') and config.attention_window < 1:
+    problems.append(f'config.attention_window={config.attention_window} must be at least 1 '
+                    f'(attention_kind={config.attention_kind}).')
+  if config.attention_kind in ('strided', 'lsh') and config.attention_impl != 'xla':
+    problems.append(f'config.attention_kind={config.attention_kind} joins several key sets in '
+                    f'one softmax of its own: attention_impl={config.attention_impl} cannot '
+                    'compute it; use xla.')
+  if config.attention_kind == 'lsh':
+    if config.lsh_buckets < 2 or config.lsh_buckets % 2:
+      problems.append(f'config.lsh_buckets={config.lsh_buckets} must be even and at least 2: '
+                      'h(x) = argmax([xR; -xR]) gives two buckets to each of the '
+                      'lsh_buckets / 2 rotations.')
+    if config.lsh_rounds < 1:
+      problems.append(f'config.lsh_rounds={config.lsh_rounds} must be at least 1.')
+    if config.positional in positions.LOGIT_BIASES:
+      problems.append('config.attention_kind=lsh reads its keys in hash-bucket order, for which '
+                      f'no logit bias is computed: positional={config.positional} cannot be '
+                      'used with it (sinusoidal, learned or rotary can).')
+    if config.qk_norm:
+      problems.append('config.attention_kind=lsh has no keys of its own (each is its query, '
+                      'unit-normalised): set qk_norm=False.')
   if config.attention_kind == 'low_rank':
     mask_kind = variants.get(config.variant).model_kwargs.get('mask_kind')
     if mask_kind != 'bidirectional' or config.packing or config.positional not in (

@@ -21,7 +21,8 @@ Conventions:
     last token must be real: it is fed to produce the first new token.
   * Beams fold into the batch: row b * K + k holds beam k of example b (cache leaves [B*K, ...]).
   * cache=False recomputes the whole prefix at every step instead: the reference that tests and
-    launch/benchmark_decode.py compare the cache against.
+    launch/benchmark_decode.py compare the cache against. Models with lsh attention always
+    decode so: it has no cached form (transformer/attention_kinds.py).
 
 Shape suffixes: B batch, K beams, N decoding rows (B or B*K), S source length, P prompt length,
 T generated length, V vocabulary.
@@ -42,7 +43,8 @@ Array = jnp.ndarray
 
 def init_cache(model, batch_size: int, cache_len: int, *, encoded_BxSxD=None, inputs_BxS=None,
                prefix_len_B=None):
-  """A zeroed cache of `cache_len` slots for `model` (shapes via eval_shape: no parameters made).
+  """A zeroed cache of `cache_len` slots for `model` (shapes via eval_shape: no parameters made);
+  local attention's self-attention keeps attention_window slots instead, whatever cache_len.
 
   Encoder-decoder models need the encoder output and source ids; a prefix-LM needs prefix_len.
   """
@@ -123,6 +125,12 @@ def _recompute_step(forward):
   return step
 
 
+def _recomputes(model, use_cache: bool) -> bool:
+  """Whether decoding recomputes the prefix at every step: asked to, or lsh attention's model,
+  whose buckets and their order are those of the whole sequence (no cached form)."""
+  return not use_cache or model.cfg.attention_kind == 'lsh'
+
+
 def _check_length(model, length: int):
   if model.cfg.positional == 'learned' and length > model.cfg.max_len:
     raise ValueError(f'Decoding {length} positions exceeds the learned positions of the model '
@@ -141,7 +149,7 @@ def _encoder_decoder(model, params, inputs_BxS, *, max_len: int, copies: int,
   def apply(variables, ids_NxL, **kwargs):
     return model.apply(variables, encoded_NxSxD, inputs_NxS, ids_NxL, method='decode', **kwargs)
 
-  if not use_cache:
+  if _recomputes(model, use_cache):
     forward = functools.partial(apply, {'params': params})
     return _Decoder((jnp.zeros((num_rows, max_len), jnp.int32), jnp.int32(0)),
                     _recompute_step(forward))
@@ -170,7 +178,7 @@ def _single_stack(model, params, context_BxP, *, max_len: int, copies: int, use_
   prefix_len_N = None if prefix_len is None else jnp.full((num_rows,), prefix_len, jnp.int32)
   new_type = int(model.mask_kind == 'prefix')
 
-  if not use_cache:
+  if _recomputes(model, use_cache):
     buffer_NxL = jnp.concatenate([context_NxP, jnp.zeros((num_rows, max_len), jnp.int32)], 1)
     types_NxL = jnp.broadcast_to(jnp.arange(total_len) >= context_len, buffer_NxL.shape) * new_type
 

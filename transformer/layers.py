@@ -54,6 +54,8 @@ class ModelConfig:
   attention_kind: str = 'full'
   attention_window: int = 128
   low_rank_dim: int = 64
+  lsh_buckets: int = 8
+  lsh_rounds: int = 2
   attention_impl: str = 'xla'
   remat: str = 'none'
   scan_layers: bool = False
@@ -70,6 +72,21 @@ class ModelConfig:
 
 def local_window(cfg: ModelConfig) -> Optional[int]:
   """The window of local self-attention, or None for full attention (attention_kinds.py)."""
+  return cfg.attention_window if cfg.attention_kind == 'local' else None
+
+
+def attention_stride(cfg: ModelConfig) -> Optional[int]:
+  """The stride of strided self-attention, also the window of its local part, or None for
+  another kind (attention_kinds.py)."""
+  return cfg.attention_window if cfg.attention_kind == 'strided' else None
+
+
+def ring_cache_size(cfg: ModelConfig) -> Optional[int]:
+  """The slots of local attention's ring-buffer decoding cache (attention.DecodeCursor), or None:
+  a cache as long as the decode. Only local attention has one: its queries never read a key
+  attention_window or more positions back (strided attention's reach the whole way back).
+  A query's own key comes with the new keys, so attention_window - 1 slots would do; one more
+  keeps a window of 1 from an empty ring."""
   return cfg.attention_window if cfg.attention_kind == 'local' else None
 
 
@@ -219,7 +236,10 @@ class Block(nn.Module):
           else None, attention_window=local_window(cfg) if positional else None,
           causal=self.causal, low_rank_dim=cfg.low_rank_dim
           if positional and cfg.attention_kind == 'low_rank' else None, max_len=cfg.max_len,
-          impl=cfg.attention_impl, name=name)
+          impl=cfg.attention_impl, ring_cache_size=ring_cache_size(cfg) if positional else None,
+          stride=attention_stride(cfg) if positional else None,
+          lsh_buckets=cfg.lsh_buckets if positional and cfg.attention_kind == 'lsh' else None,
+          lsh_rounds=cfg.lsh_rounds, lsh_chunk=cfg.attention_window, name=name)
 
     x_BxLxD = self._residual(
         x_BxLxD, lambda h: attention('self_attention', True)(
@@ -293,22 +313,27 @@ class Stack(nn.Module):
                deterministic=True, decode=False, cache_slot=None, positions_BxL=None,
                kv_positions_BxK=None):
     cfg = self.cfg
-    q_positions = positions_BxL
-    if kv_positions_BxK is None:  # Not decoding: the keys are the queries.
-      kv_positions_BxK = positions_BxL
-      if local_window(cfg):  # the biases of local attention's blocks (attention_kinds.py)
-        q_idx_NxW, kv_idx_NxK = attention_kinds.local_blocks(
-            positions_BxL.shape[1], cfg.attention_window, self.causal)
-        q_positions, kv_positions_BxK = (
-            attention_kinds.fold(attention_kinds.gather_blocks(positions_BxL, idx))
-            for idx in (q_idx_NxW, kv_idx_NxK))
-    logit_bias = None
+    # The (query, key) positions of the logits: the cache's keys when decoding, else every key,
+    # or the blocks of local attention and of each part of strided attention (attention_kinds.py).
+    pairs = [(positions_BxL, positions_BxL if kv_positions_BxK is None else kv_positions_BxK)]
+    if kv_positions_BxK is None and (local_window(cfg) or attention_stride(cfg)):
+      length = positions_BxL.shape[1]
+      parts = ([attention_kinds.local_blocks(length, cfg.attention_window, self.causal)]
+               if local_window(cfg)
+               else attention_kinds.strided_parts(length, cfg.attention_window, self.causal))
+      pairs = [tuple(attention_kinds.fold(attention_kinds.gather_blocks(positions_BxL, idx))
+                     for idx in part) for part in parts]
+    biases = None
     if cfg.positional == 'relative_bias':
-      logit_bias = positions.RelativeBias(
+      relative_bias = positions.RelativeBias(
           cfg.num_heads, cfg.relative_buckets, cfg.relative_max_distance,
-          bidirectional=not self.causal, name='relative_bias')(q_positions, kv_positions_BxK)
+          bidirectional=not self.causal, name='relative_bias')
+      biases = [relative_bias(q_positions, kv_positions) for q_positions, kv_positions in pairs]
     elif cfg.positional == 'alibi':
-      logit_bias = positions.alibi_bias(q_positions, kv_positions_BxK, cfg.num_heads)
+      biases = [positions.alibi_bias(q_positions, kv_positions, cfg.num_heads)
+                for q_positions, kv_positions in pairs]
+    # A strided pass's two parts take a tuple of biases, as they take a tuple of masks.
+    logit_bias = None if biases is None else biases[0] if len(biases) == 1 else tuple(biases)
     args = (self_mask, encoded_BxSxD, cross_mask, deterministic, decode, cache_slot,
             positions_BxL, logit_bias)
     if cfg.scan_layers:

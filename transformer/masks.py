@@ -5,7 +5,8 @@ Every mask is boolean, True = "query may attend to key", with shape [batch, 1, q
 them with `combine`, which ANDs and skips Nones.
 
 Masks are built from positions (indices along the sequence) rather than lengths so that the same
-functions serve training (queries 0..L-1) and incremental decoding (one query at cache slot t).
+functions serve training (queries 0..L-1) and incremental decoding (one query at cache slot t, or
+against the per-row positions of local attention's ring buffer, whose slots wrap around).
 
   variant        self-attention mask
   original       encoder: padding;  decoder: causal & padding;  cross: source padding
@@ -15,7 +16,7 @@ functions serve training (queries 0..L-1) and incremental decoding (one query at
   packed rows    any of the above & segment            (no attention across packed examples)
 """
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +31,12 @@ def padding_mask(kv_valid_BxK: Array) -> Array:
   return kv_valid_BxK[:, None, None, :]
 
 
-def causal_mask(q_idx_Q: Array, kv_idx_K: Array) -> Array:
-  """Key index <= query index. q_idx [Q], kv_idx [K] (positions in the sequence) -> [1, 1, Q, K]."""
-  return (kv_idx_K[None, :] <= q_idx_Q[:, None])[None, None]
+def causal_mask(q_idx: Array, kv_idx: Array) -> Array:
+  """Key index <= query index. q_idx [Q] or [B, Q], kv_idx [K] or [B, K] (positions in the
+  sequence; per row for a ring-buffer cache, whose slots hold keys out of order)
+  -> [1 or B, 1, Q, K]."""
+  q_idx, kv_idx = jnp.atleast_2d(q_idx), jnp.atleast_2d(kv_idx)
+  return (kv_idx[:, None, :] <= q_idx[:, :, None])[:, None]
 
 
 def prefix_lm_mask(prefix_len_B: Array, q_idx_Q: Array, kv_idx_K: Array) -> Array:
@@ -45,13 +49,14 @@ def prefix_lm_mask(prefix_len_B: Array, q_idx_Q: Array, kv_idx_K: Array) -> Arra
   return source_prefix_mask(kv_idx_K[None, :] < prefix_len_B[:, None], q_idx_Q, kv_idx_K)
 
 
-def source_prefix_mask(in_prefix_BxK: Array, q_idx_Q: Array, kv_idx_K: Array) -> Array:
+def source_prefix_mask(in_prefix_BxK: Array, q_idx: Array, kv_idx: Array) -> Array:
   """The prefix-LM mask from a per-key flag: key visible if not in the future or in the prefix.
 
   With packed rows, in_prefix marks every example's own source; the segment mask then keeps each
-  query inside its example. in_prefix [B, K] bool -> [B, 1, Q, K].
+  query inside its example. in_prefix [B, K] bool, q_idx and kv_idx as in causal_mask
+  -> [B, 1, Q, K].
   """
-  return causal_mask(q_idx_Q, kv_idx_K) | in_prefix_BxK[:, None, None, :]
+  return causal_mask(q_idx, kv_idx) | in_prefix_BxK[:, None, None, :]
 
 
 def segment_mask(q_segment_ids_BxQ: Array, kv_segment_ids_BxK: Array) -> Array:
@@ -75,6 +80,15 @@ def window_mask(q_pos: Array, kv_pos: Array, window: int) -> Array:
   q_pos [Q] or [B, Q], kv_pos [K] or [B, K] -> [1 or B, 1, Q, K]."""
   q_pos, kv_pos = jnp.atleast_2d(q_pos), jnp.atleast_2d(kv_pos)
   return (jnp.abs(q_pos[:, :, None] - kv_pos[:, None, :]) < window)[:, None]
+
+
+def strided_mask(q_pos: Array, kv_pos: Array, stride: int) -> Array:
+  """The Sparse Transformer's strided pattern (strided attention): keys fewer than `stride`
+  positions from the query or a multiple of `stride` away, |q - k| < stride or
+  (q - k) mod stride == 0. Shapes as window_mask."""
+  q_pos, kv_pos = jnp.atleast_2d(q_pos), jnp.atleast_2d(kv_pos)
+  offset = q_pos[:, :, None] - kv_pos[:, None, :]
+  return ((jnp.abs(offset) < stride) | (offset % stride == 0))[:, None]
 
 
 def self_attention_mask(kind: str, valid_BxL: Array, *, prefix_len_B: Optional[Array] = None,
@@ -118,18 +132,79 @@ def self_attention_mask(kind: str, valid_BxL: Array, *, prefix_len_B: Optional[A
   return combine(padding_mask(valid_BxL), structure, segments, local)
 
 
-def local_self_attention_mask(kind: str, valid_BxL: Array, window: int, **parts) -> Array:
-  """self_attention_mask with the window, for each block of a local pass (attention_kinds.py):
-  [B * N, 1, W, K], row b * N + n for block n of row b. parts: prefix_len_B, in_prefix_BxL,
+def blocks_self_attention_mask(kind: str, valid_BxL: Array, q_idx_NxQ, kv_idx_NxK, pattern,
+                               **parts) -> Array:
+  """self_attention_mask and'ed with pattern(q_idx [Q], kv_idx [K]) -> [1, 1, Q, K], for each
+  block of a blocked pass (attention_kinds.py) whose queries are q_idx and keys kv_idx:
+  [B * N, 1, Q, K], row b * N + n for block n of row b. parts: prefix_len_B, in_prefix_BxL,
   segment_ids_BxL."""
-  q_idx_NxW, kv_idx_NxK = attention_kinds.local_blocks(valid_BxL.shape[1], window,
-                                                       causal=kind == 'causal')
-  batch, (num_q, num_k) = valid_BxL.shape[0], (q_idx_NxW.shape[1], kv_idx_NxK.shape[1])
-  one_block = lambda q_idx_W, kv_idx_K: jnp.broadcast_to(
-      self_attention_mask(kind, valid_BxL, q_idx_Q=q_idx_W, kv_idx_K=kv_idx_K, window=window,
-                          **parts), (batch, 1, num_q, num_k))
-  mask_BxNx1xWxK = jax.vmap(one_block, out_axes=1)(q_idx_NxW, kv_idx_NxK)
-  return attention_kinds.fold(mask_BxNx1xWxK)
+  batch, (num_q, num_k) = valid_BxL.shape[0], (q_idx_NxQ.shape[1], kv_idx_NxK.shape[1])
+  one_block = lambda q_idx_Q, kv_idx_K: jnp.broadcast_to(combine(
+      self_attention_mask(kind, valid_BxL, q_idx_Q=q_idx_Q, kv_idx_K=kv_idx_K, **parts),
+      pattern(q_idx_Q, kv_idx_K)), (batch, 1, num_q, num_k))
+  return attention_kinds.fold(jax.vmap(one_block, out_axes=1)(q_idx_NxQ, kv_idx_NxK))
+
+
+def local_self_attention_mask(kind: str, valid_BxL: Array, window: int, **parts) -> Array:
+  """self_attention_mask with the window, for each block of a local pass: [B * N, 1, W, K]."""
+  blocks = attention_kinds.local_blocks(valid_BxL.shape[1], window, causal=kind == 'causal')
+  return blocks_self_attention_mask(kind, valid_BxL, *blocks,
+                                    lambda q, k: window_mask(q, k, window), **parts)
+
+
+def strided_self_attention_mask(kind: str, valid_BxL: Array, stride: int,
+                                **parts) -> tuple[Array, Array]:
+  """The masks of a strided pass's two parts (attention_kinds.strided_parts): the local blocks'
+  [B * N, 1, W, 2W or 3W], keys within the window, and the strided blocks' [B * S, 1, N, N],
+  keys outside it (the blocks hold only keys a multiple of the stride away; the window's, the
+  query itself among them, are the local part's)."""
+  local, strided = attention_kinds.strided_parts(valid_BxL.shape[1], stride, kind == 'causal')
+  within = lambda q_idx_Q, kv_idx_K: window_mask(q_idx_Q, kv_idx_K, stride)
+  return (blocks_self_attention_mask(kind, valid_BxL, *local, within, **parts),
+          blocks_self_attention_mask(kind, valid_BxL, *strided, lambda q, k: ~within(q, k),
+                                     **parts))
+
+
+class TokenMask(NamedTuple):
+  """The self-attention mask as facts about each token, for attention that picks its query-key
+  pairs as it runs (lsh): query i may read key j if valid[j], segment_ids[i] == segment_ids[j]
+  and (j <= i or open[j]), i and j being indices in the row (token_pairs_mask)."""
+  valid_BxL: Array  # real (non-padding) tokens
+  open_BxL: Array  # keys every query of their example may read, earlier or not: all
+  # (bidirectional), the source (prefix), none (causal)
+  segment_ids_BxL: Array  # the example of each token of a packed row (all 0 without packing)
+
+
+def token_mask(kind: str, valid_BxL: Array, *, prefix_len_B: Optional[Array] = None,
+               in_prefix_BxL: Optional[Array] = None,
+               segment_ids_BxL: Optional[Array] = None) -> TokenMask:
+  """self_attention_mask's mask (the same arguments) as a TokenMask."""
+  if kind == 'bidirectional':
+    open_BxL = jnp.ones_like(valid_BxL)
+  elif kind == 'causal':
+    open_BxL = jnp.zeros_like(valid_BxL)
+  elif kind == 'prefix' and prefix_len_B is not None:
+    open_BxL = jnp.arange(valid_BxL.shape[1])[None, :] < prefix_len_B[:, None]
+  elif kind == 'prefix' and in_prefix_BxL is not None:
+    open_BxL = in_prefix_BxL
+  else:
+    raise ValueError(f'Unknown mask kind {kind!r} (expected bidirectional, causal or prefix), or '
+                     "'prefix' without prefix_len or in_prefix.")
+  segment_ids_BxL = (jnp.zeros(valid_BxL.shape, jnp.int32) if segment_ids_BxL is None
+                     else segment_ids_BxL)
+  return TokenMask(valid_BxL, open_BxL, segment_ids_BxL)
+
+
+def token_pairs_mask(mask: TokenMask, q_idx: Array, kv_idx: Array) -> Array:
+  """The mask between the tokens at row indices q_idx [B, ..., Q] and kv_idx [B, ..., K] (each
+  in [0, L)) of every row -> [B, ..., Q, K]."""
+  def at(x_BxL, idx):  # x[b, idx[b, ...]]
+    return jnp.take_along_axis(x_BxL, idx.reshape(idx.shape[0], -1), axis=1).reshape(idx.shape)
+  q_segment, kv_segment = at(mask.segment_ids_BxL, q_idx), at(mask.segment_ids_BxL, kv_idx)
+  structure = ((kv_idx[..., None, :] <= q_idx[..., :, None])
+               | at(mask.open_BxL, kv_idx)[..., None, :])
+  return (at(mask.valid_BxL, kv_idx)[..., None, :] & structure
+          & (q_segment[..., :, None] == kv_segment[..., None, :]))
 
 
 def cross_attention_mask(kv_valid_BxK: Array, q_segment_ids_BxQ: Optional[Array] = None,

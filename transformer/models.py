@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from transformer import masks, norms
 from transformer.attention import DecodeCursor, dense
-from transformer.layers import Embedder, ModelConfig, Stack, activation_fn, local_window, norm
+from transformer.layers import (Embedder, ModelConfig, Stack, activation_fn, attention_stride,
+                                local_window, norm, ring_cache_size)
 from transformer.special_ids import PAD_ID
 
 Array = jnp.ndarray
@@ -25,9 +26,14 @@ Array = jnp.ndarray
 
 def self_attention_mask(cfg: ModelConfig, kind: str, valid_BxL: Array, **parts) -> Array:
   """The self-attention mask of a training pass: the whole [B, 1, L, L] for full attention, the
-  blocks' [B * N, 1, W, K] for local attention (attention_kinds.py)."""
+  blocks' [B * N, 1, W, K] for local attention, those of each of its two parts for strided
+  attention, per-token facts for lsh attention, which picks its pairs (attention_kinds.py)."""
   if cfg.attention_kind == 'local':
     return masks.local_self_attention_mask(kind, valid_BxL, cfg.attention_window, **parts)
+  if cfg.attention_kind == 'strided':
+    return masks.strided_self_attention_mask(kind, valid_BxL, cfg.attention_window, **parts)
+  if cfg.attention_kind == 'lsh':
+    return masks.token_mask(kind, valid_BxL, **parts)
   return masks.self_attention_mask(kind, valid_BxL, **parts)
 
 
@@ -76,7 +82,8 @@ class EncoderDecoder(nn.Module):
     self.encoder = Stack(cfg, cfg.num_layers)
     self.decoder = Stack(cfg, cfg.num_decoder_layers, cross_attention=True, causal=True)
     self.output_head = OutputHead(cfg)
-    self.cursor = DecodeCursor('causal', local_window(cfg))  # Variables only when decoding.
+    self.cursor = DecodeCursor('causal', local_window(cfg),  # Variables only when decoding.
+                               ring_cache_size(cfg), stride=attention_stride(cfg))
 
   def encode(self, inputs_BxS, inputs_positions_BxS=None, inputs_segment_ids_BxS=None, *,
              deterministic=True) -> Array:
@@ -158,7 +165,8 @@ class SingleStack(nn.Module):
     self.embedder = Embedder(self.cfg)
     self.stack = Stack(self.cfg, self.cfg.num_layers, causal=self.mask_kind == 'causal')
     self.output_head = MlmHead(self.cfg) if self.head == 'mlm' else OutputHead(self.cfg)
-    self.cursor = DecodeCursor(self.mask_kind, local_window(self.cfg))  # Only when decoding.
+    self.cursor = DecodeCursor(self.mask_kind, local_window(self.cfg),  # Only when decoding.
+                               ring_cache_size(self.cfg), stride=attention_stride(self.cfg))
 
   @staticmethod
   def batch_arguments(batch: dict) -> tuple[tuple, dict]:

@@ -10,9 +10,16 @@ from transformer import variants
 
 def keys_per_query(config, length: int, causal: bool) -> int:
   """The keys each query's self-attention computes scores for: all `length`, local attention's
-  blocks (2 windows if causal, else 3), or low-rank attention's rows (attention_kinds.py)."""
+  blocks (2 windows if causal, else 3), strided attention's local blocks and its ceil(L / window)
+  strided keys, each lsh round's blocks (as local's, chunks for windows), or low-rank
+  attention's rows (attention_kinds.py)."""
+  blocks = min(length, (2 if causal else 3) * config.attention_window)
   if config.attention_kind == 'local':
-    return min(length, (2 if causal else 3) * config.attention_window)
+    return blocks
+  if config.attention_kind == 'strided':
+    return blocks + -(-length // config.attention_window)
+  if config.attention_kind == 'lsh':
+    return config.lsh_rounds * blocks
   if config.attention_kind == 'low_rank':
     return config.low_rank_dim
   return length
@@ -22,14 +29,17 @@ def forward_flops(config, vocab_size: int, batch: dict) -> float:
   """Matmul FLOPs of one forward pass over `batch`'s padded shapes (attention included).
 
   Per token and layer: 2 * (2 D^2 + 2 D D_kv) for the projections (D_kv = the key/value heads'
-  width: D without grouped-query attention), 2 * 2 D F for the feed-forward (2 * 3 D F gated),
-  plus 2 * 2 * K * D for the attention scores and weighted sum over K keys (keys_per_query);
-  cross-attention adds its projections and 4 * S * D; the output layer 2 * D * V per token.
+  width: D without grouped-query attention; lsh has no key projection, and its hashing's
+  2 * D * lsh_buckets / 2 per round is left out), 2 * 2 D F for the feed-forward (2 * 3 D F
+  gated), plus 2 * 2 * K * D for the attention scores and weighted sum over K keys
+  (keys_per_query); cross-attention adds its projections and 4 * S * D; the output layer
+  2 * D * V per token.
   """
   d, f = config.d_model, config.d_ff
   d_kv = (config.num_kv_heads or config.num_heads) * (d // config.num_heads)
   attention = 2 * (2 * d * d + 2 * d * d_kv)
-  block = attention + 2 * (3 if config.ffn == 'gated' else 2) * d * f
+  self_attention = attention - (2 * d * d_kv if config.attention_kind == 'lsh' else 0)
+  block = self_attention + 2 * (3 if config.ffn == 'gated' else 2) * d * f
   variant = variants.get(config.variant)
   if variant.encoder_decoder:
     b, s = batch['inputs'].shape
