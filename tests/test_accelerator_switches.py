@@ -156,3 +156,19 @@ def test_scanned_layers_decode_with_their_cache():
   np.testing.assert_array_equal(cached, recomputed)
   weights = visualize.attention_weights(model, params, prompt_BxP)['stack/self_attention']
   assert weights.shape == (config.num_layers, config.num_heads, 5, 5)
+
+
+def test_scanned_layers_beam_search_reorders_the_cache_of_every_layer():
+  """Beam search reorders each beam's cache rows; under scan_layers the layers are the cache's
+  first axis and the rows its second."""
+  from transformer import decode  # pylint: disable=import-outside-toplevel
+  config = original.get_config('tiny')
+  config.scan_layers = True
+  model = variants.build_model(config, VOCAB)
+  inputs_BxS = jnp.array([[5, 6, 7, 8, 9], [4, 9, 6, 0, 0]])
+  params = nn.unbox(model.init(jax.random.key(3), inputs_BxS, inputs_BxS)['params'])
+  (cached, cached_scores), (recomputed, recomputed_scores) = (
+      decode.beam_search(model, params, inputs_BxS, max_len=8, beam_size=3, eos_id=-1,
+                         cache=cache) for cache in (True, False))
+  np.testing.assert_array_equal(cached, recomputed)
+  np.testing.assert_allclose(cached_scores, recomputed_scores, rtol=1e-5)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from transformer import models
+from transformer.layers import SCANNED_LAYERS
 from transformer.special_ids import BOS_ID, EOS_ID, MASK_ID, PAD_ID
 
 Array = jnp.ndarray
@@ -258,6 +259,18 @@ def _keep_best(k: int, scores_BxM: Array, *arrays_BxM):
       for a in arrays_BxM)
 
 
+def _take_rows(state, rows_N: Array):
+  """Each beam's decoder state from its parent's: rows_N of every leaf with rows (a scanned
+  stack's cache leaves hold its layers first, [layers, N, ...]); scalars are shared."""
+  def take(path, x):
+    if not x.ndim:
+      return x
+    scanned = any(getattr(key, 'key', None) == SCANNED_LAYERS for key in path)
+    return jnp.take(x, rows_N, axis=int(scanned))
+
+  return jax.tree_util.tree_map_with_path(take, state)
+
+
 class _Beams(NamedTuple):
   t: Array  # Tokens generated so far.
   state: Any  # Decoder state, rows [B*K, ...].
@@ -316,7 +329,7 @@ def beam_search(model, params, inputs_BxS, *, max_len: int, beam_size: int,
         k, jnp.where(ended_Bx2K, -jnp.inf, scores_Bx2K), seqs_Bx2KxT1, beam_Bx2K)
 
     rows_N = (jnp.arange(batch)[:, None] * k + parent_BxK).reshape(-1)
-    state = jax.tree.map(lambda x: x[rows_N] if x.ndim else x, state)
+    state = _take_rows(state, rows_N)
     return _Beams(t + 1, state, live_BxKxT1, live_log_probs_BxK, finished_BxKxT1,
                   finished_scores_BxK)
 
