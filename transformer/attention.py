@@ -130,10 +130,8 @@ class MultiHeadAttention(nn.Module):
       length = q_BxQxHxE.shape[1]
       q_idx_NxW, kv_idx_NxK = attention_kinds.local_blocks(length, self.attention_window,
                                                            self.causal)
-      q_NxWxHxE, k_NxKxGxE, v_NxKxGxE = (
-          attention_kinds.fold(attention_kinds.gather_blocks(x, idx))
-          for x, idx in ((q_BxQxHxE, q_idx_NxW), (k_BxKxGxE, kv_idx_NxK),
-                         (v_BxKxGxE, kv_idx_NxK)))
+      q_NxWxHxE, k_NxKxGxE, v_NxKxGxE = attention_kinds.qkv_blocks(
+          q_BxQxHxE, k_BxKxGxE, v_BxKxGxE, q_idx_NxW, kv_idx_NxK)
       out_NxWxHxE, _ = self._attend(q_NxWxHxE, k_NxKxGxE, v_NxKxGxE, mask_Bx1xQxK,
                                     logit_bias_BxHxQxK, deterministic)
       out_BxQxHxE = attention_kinds.unfold(out_NxWxHxE, q_BxQxHxE.shape[0])[:, :length]
@@ -154,10 +152,8 @@ class MultiHeadAttention(nn.Module):
     for (q_idx_NxW, kv_idx_NxK), mask_Nx1xWxK, bias_NxHxWxK in zip(
         attention_kinds.strided_parts(length, self.stride, self.causal), part_masks,
         part_biases or (None, None)):
-      q_NxWxHxE, k_NxKxGxE, v_NxKxGxE = (
-          attention_kinds.fold(attention_kinds.gather_blocks(x, idx))
-          for x, idx in ((q_BxQxHxE, q_idx_NxW), (k_BxKxGxE, kv_idx_NxK),
-                         (v_BxKxGxE, kv_idx_NxK)))
+      q_NxWxHxE, k_NxKxGxE, v_NxKxGxE = attention_kinds.qkv_blocks(
+          q_BxQxHxE, k_BxKxGxE, v_BxKxGxE, q_idx_NxW, kv_idx_NxK)
       out_NxWxHxE, lse_NxHxW = self._attend_part(q_NxWxHxE, k_NxKxGxE, v_NxKxGxE, mask_Nx1xWxK,
                                                  bias_NxHxWxK, deterministic)
       outs.append(attention_kinds.in_query_order(out_NxWxHxE, q_idx_NxW, batch, length))

@@ -91,6 +91,12 @@ def fold(x_BxNx):
   return x_BxNx.reshape(-1, *x_BxNx.shape[2:])
 
 
+def qkv_blocks(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, q_idx_NxW: np.ndarray, kv_idx_NxK: np.ndarray):
+  """The queries [B * N, W, H, E], keys and values [B * N, K, G, E] of a blocked pass's blocks."""
+  return tuple(fold(gather_blocks(x, idx)) for x, idx in (
+      (q_BxLxHxE, q_idx_NxW), (k_BxLxGxE, kv_idx_NxK), (v_BxLxGxE, kv_idx_NxK)))
+
+
 def unfold(x_BNxKx, batch: int):
   """[B * N, K, ...] -> [B, N * K, ...]: the blocks of each row back in order."""
   return x_BNxKx.reshape(batch, -1, *x_BNxKx.shape[2:])
