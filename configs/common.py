@@ -62,9 +62,17 @@ def base_config() -> ml_collections.ConfigDict:
   # decoding, no logit-bias positions). See transformer/attention_kinds.py.
   c.attention_window = 128  # local: keys fewer than this many positions away; strided: that
   # window and the stride; lsh: the chunk (keys fewer than this many places away in its sort).
+  c.num_global_tokens = 0  # attention_kind=local only: Longformer's global tokens, the first
+  # this many of each row (e.g. [CLS]), which read every key and which every query reads, the
+  # mask still applying (memory L x (window + this)). Not with packing; decoding then keeps a
+  # cache as long as the decode instead of a ring of the window.
   c.low_rank_dim = 64  # attention_kind=low_rank: rows the keys and values are projected to.
   c.lsh_buckets = 8  # attention_kind=lsh: hash buckets per round (even: argmax over [xR; -xR]).
   c.lsh_rounds = 2  # attention_kind=lsh: hashing rounds, joined in one softmax.
+  c.memory_length = 0  # Transformer-XL (gpt_causal): each layer also attends to its inputs at
+  # the last memory_length tokens of the row's previous segment (no gradient through them).
+  # Rows then run through the corpus as batch_size continuous streams, in training and in
+  # evaluation; needs relative positions (rotary | relative_bias | alibi) and full attention.
   c.logits_bias = False  # A learned bias on the output logits (Marian's final_logits_bias).
   c.output_rsqrt_scale = False  # Hidden states x d_model^-0.5 before the output projection (T5).
   c.dtype = 'float32'  # Compute dtype: float32 | bfloat16. Parameters stay float32.

@@ -37,7 +37,8 @@ TABLE_METRICS = ('eval_loss', 'eval_ppl', 'eval_accuracy', 'eval_bleu', 'eval_bl
 BEST = dict(eval_loss=min, eval_nll=min, eval_ppl=min, eval_accuracy=max, eval_bleu=max,
             eval_bleu_lc=max, eval_chrf=max)
 PLOT_METRICS = ('eval_loss', 'eval_bleu')
-COST_HEADERS = dict(step_ms='step (ms)', cache_bytes_per_token='cache bytes / token')
+COST_HEADERS = dict(step_ms='step (ms)', step_memory_mib='step memory (MiB)',
+                    cache_bytes_per_token='cache bytes / token')
 
 
 @dataclasses.dataclass
@@ -232,12 +233,18 @@ def read_metrics(workdir: str) -> tuple[list[dict], int | None]:
 
 
 def run_costs(workdir: str) -> dict:
-  """The median logged train step time (ms) and the key/value cache's bytes per decoded token
-  (float32, every layer of the stack that decodes) of a run, from what it wrote."""
+  """The median logged train step time (ms), the memory its compiled step planned per device
+  (MiB: its arguments and temporaries; perf.planned_memory_mib) and the key/value cache's bytes
+  per decoded token (float32, every layer of the stack that decodes) of a run, from what it
+  wrote."""
   costs = {}
-  step_ms = [r['step_ms'] for r in _records(workdir) or [] if 'step_ms' in r]
+  records = _records(workdir) or []
+  step_ms = [r['step_ms'] for r in records if 'step_ms' in r]
   if step_ms:
     costs['step_ms'] = round(statistics.median(step_ms), 2)
+  step_memory = [r['step_memory_mib'] for r in records if 'step_memory_mib' in r]
+  if step_memory:
+    costs['step_memory_mib'] = round(max(step_memory), 1)
   config = read_json(os.path.join(workdir, 'config.json'))
   if config:
     layers = config['num_decoder_layers' if config['variant'] == 'original' else 'num_layers']
@@ -271,7 +278,7 @@ def mean_std(values: list) -> str:
 def group_table(rows: list[dict]) -> list[list[str]]:
   """Header + one row per group: status, seeds with results, steps, wall time, final metrics."""
   metrics = [m for m in TABLE_METRICS if any(f'final_{m}' in r for r in rows)]
-  costs = [c for c in ('step_ms', 'cache_bytes_per_token') if any(c in r for r in rows)]
+  costs = [c for c in COST_HEADERS if any(c in r for r in rows)]
   columns = ['steps', 'wall_min'] + [f'final_{m}' for m in metrics] + costs
   table = [['run', 'status', 'seeds', 'steps', 'wall (min)'] + metrics
            + [COST_HEADERS[c] for c in costs]]

@@ -1,13 +1,18 @@
-"""Strided (Sparse Transformer) and LSH (Reformer) attention against their written-out definitions
-in NumPy (never the code's own masks or helpers, except the random draw of LSH's rotations), and
-the model properties they must keep: no future leakage, lsh refusing a decoding cache. Strided
-cached decoding against the full forward: tests/test_blocks.py.
+"""Local attention with Longformer's global tokens, strided (Sparse Transformer) and LSH
+(Reformer) attention, against their written-out definitions in NumPy (never the code's own masks or
+helpers, except the random draw of LSH's rotations), and the model properties they must keep: no
+future leakage, lsh refusing a decoding cache. Local, strided and global cached decoding against
+the full forward: tests/test_blocks.py.
 
+  local    query i reads key j if |i - j| < w, and the mask allows
+  global   ... or if i < g or j < g
   strided  query i reads key j if |i - j| < l or (i - j) mod l == 0, and the mask allows
   lsh      keys = queries / |queries|; h(k) = argmax([kR; -kR]); tokens sorted by (bucket,
            position), padding last; a query reads the keys of its bucket fewer than m sorted
            places away, itself at -1e5; round r weighted by exp(z_r - logsumexp_r z_r)
 """
+
+import re
 
 import flax.linen as nn
 import jax
@@ -15,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import gpt_causal, unilm_prefix
+from configs import bert_mlm, gpt_causal, unilm_prefix
 from tests.test_blocks import VOCAB, attention_oracle, randomize, softmax
-from transformer import attention_kinds, decode, masks, models, perf, variants
+from transformer import (attention_kinds, config_checks, decode, errors, masks, models, perf,
+                         variants)
 from transformer.attention import MultiHeadAttention
 
 
@@ -39,26 +45,6 @@ def strided_pattern(length, stride):
 
 def mask_kind(causal):
   return 'causal' if causal else 'bidirectional'
-
-
-@pytest.mark.parametrize('causal', [True, False], ids=['causal', 'bidirectional'])
-def test_strided_attention_matches_its_definition(causal):
-  """Strided attention, computed in two blocked parts, equals attention under the written-out
-  pattern (and j <= i if causal, and padding) on a length that is not a multiple of the stride,
-  with grouped key/value heads."""
-  rng = np.random.default_rng(0)
-  length, stride = 11, 3
-  x = rng.normal(size=(2, length, 16)).astype(np.float32)
-  valid = np.ones((2, length), bool)
-  valid[1, 8:] = False
-  i, j = np.arange(length)[:, None], np.arange(length)[None, :]
-  mask = strided_pattern(length, stride) & ((j <= i) if causal else True) & valid[:, None, :]
-  layer = MultiHeadAttention(num_heads=4, num_kv_heads=2, stride=stride, causal=causal)
-  part_masks = masks.strided_self_attention_mask(mask_kind(causal), jnp.asarray(valid), stride)
-  params = random_params(layer, x, x, part_masks, deterministic=True)
-  out = apply(layer, params, x, x, part_masks, deterministic=True)
-  w = {k: np.asarray(params[k]['kernel']) for k in ('query', 'key', 'value', 'out')}
-  np.testing.assert_allclose(out, attention_oracle(x, w, 4, 2, mask), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('variant', ['gpt_causal', 'unilm_packed'])
@@ -88,6 +74,97 @@ def test_strided_model_equals_full_attention_under_the_strided_mask(variant, mon
                       masks.self_attention_mask(kind, valid, **parts) & pattern_1x1xLxL)
   np.testing.assert_allclose(strided, apply(full_model, params, ids, **kwargs), rtol=1e-5,
                              atol=1e-5)
+
+
+def global_pattern(length, window, num_global):
+  """Longformer's local + global pattern: within the window, or a global query or key."""
+  i, j = np.arange(length)[:, None], np.arange(length)[None, :]
+  return (np.abs(i - j) < window) | (i < num_global) | (j < num_global)
+
+
+@pytest.mark.parametrize('kind, num_global', [('strided', 0), ('local', 0), ('local', 2),
+                                              ('local', 5)],
+                         ids=['strided', 'local', 'globals_inside_a_block',
+                              'globals_over_two_blocks'])
+@pytest.mark.parametrize('causal', [True, False], ids=['causal', 'bidirectional'])
+def test_blocked_kinds_match_their_definition(kind, causal, num_global):
+  """Strided attention (two blocked parts) and local attention (blocks; with global tokens, each
+  block's keys plus the globals and the global queries in a block of their own) equal attention
+  under their written-out patterns (and j <= i if causal, and padding) on a length that is not a
+  multiple of the window, with grouped key/value heads: global keys within a query's window and
+  outside it, the 5 globals over two blocks."""
+  rng = np.random.default_rng(0)
+  length, window = 11, 3
+  x = rng.normal(size=(2, length, 16)).astype(np.float32)
+  valid = np.ones((2, length), bool)
+  valid[1, 8:] = False
+  i, j = np.arange(length)[:, None], np.arange(length)[None, :]
+  pattern = (strided_pattern(length, window) if kind == 'strided'
+             else global_pattern(length, window, num_global))
+  mask = pattern & ((j <= i) if causal else True) & valid[:, None, :]
+  if kind == 'strided':
+    layer = MultiHeadAttention(num_heads=4, num_kv_heads=2, stride=window, causal=causal)
+    part_masks = masks.strided_self_attention_mask(mask_kind(causal), jnp.asarray(valid), window)
+  else:
+    layer = MultiHeadAttention(num_heads=4, num_kv_heads=2, attention_window=window,
+                               causal=causal, num_global_tokens=num_global)
+    part_masks = masks.local_self_attention_mask(mask_kind(causal), jnp.asarray(valid), window,
+                                                 num_global)
+  params = random_params(layer, x, x, part_masks, deterministic=True)
+  out = apply(layer, params, x, x, part_masks, deterministic=True)
+  w = {k: np.asarray(params[k]['kernel']) for k in ('query', 'key', 'value', 'out')}
+  seen = mask.any(-1)  # queries with a key to read (the oracle has no answer for the others)
+  np.testing.assert_allclose(np.asarray(out)[seen], attention_oracle(x, w, 4, 2, mask)[seen],
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('variant', ['bert_mlm', 'gpt_causal', 'unilm_prefix'])
+def test_local_global_model_equals_full_attention_under_its_pattern(variant, monkeypatch):
+  """A local model with global tokens equals the same model with full attention whose mask also
+  holds the local + global pattern: the bidirectional, causal or prefix mask, padding and logit
+  biases (ALiBi, T5's) evaluated on the blocks with their global keys and on the global
+  queries' block agree. Without the globals in its mask, the full model differs."""
+  length, window, num_global = 14, 3, 2
+  ids = jax.random.randint(jax.random.key(0), (2, length), 4, VOCAB).at[1, 11:].set(0)
+  config_module, kwargs = {
+      'bert_mlm': (bert_mlm, {}), 'gpt_causal': (gpt_causal, {}),
+      'unilm_prefix': (unilm_prefix, dict(prefix_len=jnp.asarray([5, 9])))}[variant]
+  config = config_module.get_config('tiny')
+  config.update(attention_kind='local', attention_window=window, num_global_tokens=num_global,
+                positional='alibi' if variant == 'bert_mlm' else 'relative_bias')
+  model = variants.build_model(config, VOCAB)
+  params = random_params(model, ids, **kwargs)
+  local = apply(model, params, ids, **kwargs)
+  config.attention_kind = 'full'
+  full_model = variants.build_model(config, VOCAB)
+
+  def full_under(pattern_LxL):
+    monkeypatch.setattr(models, 'self_attention_mask', lambda cfg, kind, valid, **parts:
+                        masks.self_attention_mask(kind, valid, **parts)
+                        & jnp.asarray(pattern_LxL)[None, None])
+    return apply(full_model, params, ids, **kwargs)
+
+  np.testing.assert_allclose(local, full_under(global_pattern(length, window, num_global)),
+                             rtol=1e-5, atol=1e-5)
+  assert not np.allclose(local, full_under(global_pattern(length, window, 0)), atol=1e-3)
+
+
+@pytest.mark.parametrize('overrides, expected', [
+    (dict(num_global_tokens=-1), 'config.num_global_tokens=-1 must be 0 (none) or positive.'),
+    (dict(attention_kind='strided', num_global_tokens=2),
+     "config.num_global_tokens=2 (Longformer's global tokens) needs config.attention_kind=local, "
+     'not strided.'),
+    (dict(attention_kind='local', num_global_tokens=2, packing=True),
+     'config.num_global_tokens=2 needs config.packing=False: the global tokens are the first of '
+     'each row'),
+], ids=['negative', 'strided', 'packed'])
+def test_global_token_config_mistakes_are_named(overrides, expected):
+  config = unilm_prefix.get_config('tiny')
+  config.update(attention_kind='local', num_global_tokens=2)
+  config_checks.check(config)  # local attention with global tokens, unpacked: fine
+  config.update(overrides)
+  with pytest.raises(errors.ConfigError, match=re.escape(expected)):
+    config_checks.check(config)
 
 
 def logsumexp(x):
@@ -216,3 +293,5 @@ def test_keys_per_query_of_each_kind():
   for kind, keys in expected.items():
     config.attention_kind = kind
     assert perf.keys_per_query(config, 1000, causal=True) == keys, kind
+  config.update(attention_kind='local', num_global_tokens=4)  # 4 keys more, and 4 queries of all
+  assert perf.keys_per_query(config, 1000, causal=True) == 32 + 2 * 4

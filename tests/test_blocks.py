@@ -126,28 +126,6 @@ def test_attention_matches_oracle(num_kv_heads, qk_norm, rope_theta):
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize('causal', [True, False], ids=['causal', 'bidirectional'])
-def test_local_attention_matches_oracle_with_a_window(causal):
-  """Local attention, computed in blocks, equals attention under the written-out window mask
-  |i - j| < w (and j <= i if causal) on a length that is not a multiple of the window."""
-  rng = np.random.default_rng(0)
-  length, window = 11, 3
-  x = rng.normal(size=(2, length, 16)).astype(np.float32)
-  valid = np.ones((2, length), bool)
-  valid[1, 8:] = False
-  i, j = np.arange(length)[:, None], np.arange(length)[None, :]
-  mask = (np.abs(i - j) < window) & ((j <= i) if causal else True) & valid[:, None, :]
-  layer = MultiHeadAttention(num_heads=4, num_kv_heads=2, attention_window=window, causal=causal)
-  block_mask = masks.local_self_attention_mask('causal' if causal else 'bidirectional',
-                                               jnp.asarray(valid), window)
-  params = randomize(unbox_init(layer, x, x, block_mask, deterministic=True))
-  out = layer.apply({'params': params}, x, x, block_mask, deterministic=True)
-  w = {k: np.asarray(params[k]['kernel']) for k in ('query', 'key', 'value', 'out')}
-  seen = mask.any(-1)  # queries with a key to read (the oracle has no answer for the others)
-  np.testing.assert_allclose(np.asarray(out)[seen], attention_oracle(x, w, 4, 2, mask)[seen],
-                             rtol=1e-4, atol=1e-5)
-
-
 def test_low_rank_attention_matches_the_linformer_formula():
   """softmax(Q (E_k K)^T / sqrt(E)) (E_v V) per head, E_k and E_v [r, max_len] sliced to the L
   keys, padding keys zeroed before the projection (grouped-query heads)."""
@@ -264,6 +242,7 @@ def one_token_at_a_time(step, cache, ids_BxL):
 
 LOCAL = dict(attention_kind='local', attention_window=3)  # 3 blocks of the 9 tokens
 STRIDED = dict(attention_kind='strided', attention_window=3)  # token 8 also reads 5 and 2
+GLOBAL = dict(LOCAL, num_global_tokens=2)  # every token also reads the first two, which read all
 
 
 @pytest.mark.parametrize('attention', [{}, LOCAL], ids=['full', 'local'])
@@ -300,7 +279,15 @@ def test_strided_causal_lm_has_no_future_leakage_and_cache_equals_full(positiona
   test_causal_lm_has_no_future_leakage_and_cache_equals_full(positional, False, STRIDED)
 
 
-@pytest.mark.parametrize('attention', [{}, LOCAL], ids=['full', 'local'])
+@pytest.mark.parametrize('positional', POSITIONALS)
+def test_global_causal_lm_has_no_future_leakage_and_cache_equals_full(positional):
+  """The same checks for local attention with global tokens (the paper's block), whose decoding
+  reads a linear cache: a causal global query reads no later token, and every later one reads
+  the globals; in the left-padded row they are its first real tokens (positions skip pads)."""
+  test_causal_lm_has_no_future_leakage_and_cache_equals_full(positional, False, GLOBAL)
+
+
+@pytest.mark.parametrize('attention', [{}, LOCAL, GLOBAL], ids=['full', 'local', 'global'])
 @pytest.mark.parametrize('positional', POSITIONALS)
 def test_encoder_decoder_cache_equals_full(positional, attention):
   config = original.get_config('tiny')
@@ -317,6 +304,17 @@ def test_encoder_decoder_cache_equals_full(positional, attention):
   np.testing.assert_allclose(one_token_at_a_time(step, cache, tgt), full, atol=1e-4, rtol=1e-4)
 
 
+def assert_prefill_then_steps_equal_full(model, params, cache, x_BxL, prefill=5):
+  """Feeding x's first `prefill` tokens at once and the rest one at a time through the cache
+  gives the logits of the full forward."""
+  step = jax.jit(lambda cache, ids: model.apply({'params': params, 'cache': cache}, ids,
+                                                decode=True, mutable=['cache']))
+  first, mutated = step(cache, x_BxL[:, :prefill])
+  rest = one_token_at_a_time(step, mutated['cache'], x_BxL[:, prefill:])
+  full = jax.jit(lambda params, x: model.apply({'params': params}, x))(params, x_BxL)
+  np.testing.assert_allclose(jnp.concatenate([first, rest], 1), full, atol=1e-4, rtol=1e-4)
+
+
 def test_local_cache_is_a_ring_of_the_window_and_equals_full():
   """Local attention decodes through a ring buffer of attention_window slots whatever the decode
   length (memory O(w)); a 5-token prefill (the ring wraps inside it), then one token at a time
@@ -327,22 +325,30 @@ def test_local_cache_is_a_ring_of_the_window_and_equals_full():
   shapes = jax.tree.map(jnp.shape, cache)
   assert shapes == jax.tree.map(jnp.shape, decode.init_cache(model, 2, 48))
   assert shapes['stack']['layer_0']['self_attention']['cached_key'] == (2, 3, 2, 16)  # [B, C, G, E]
-  step = jax.jit(lambda cache, ids: model.apply({'params': params, 'cache': cache}, ids,
-                                                decode=True, mutable=['cache']))
-  prefill, mutated = step(cache, x[:, :5])
-  rest = one_token_at_a_time(step, mutated['cache'], x[:, 5:])
-  full = jax.jit(lambda params, x: model.apply({'params': params}, x))(params, x)
-  np.testing.assert_allclose(jnp.concatenate([prefill, rest], 1), full, atol=1e-4, rtol=1e-4)
+  assert_prefill_then_steps_equal_full(model, params, cache, x)
 
 
-def test_local_prefix_lm_cache_equals_full():
+def test_global_tokens_decode_through_a_linear_cache_equal_to_full():
+  """With global tokens every query reads the first ones however far back, so decoding keeps a
+  cache as long as the decode, not a ring: a 5-token prefill, then one token at a time to 12
+  tokens (the last reading keys 0 and 1, nine positions back), equals the full forward."""
+  model, _, params = gpt(**GLOBAL)
+  x = jax.random.randint(jax.random.key(2), (2, 12), 4, VOCAB)
+  cache = decode.init_cache(model, 2, 12)
+  assert cache['stack']['layer_0']['self_attention']['cached_key'].shape == (2, 12, 2, 16)
+  assert_prefill_then_steps_equal_full(model, params, cache, x)
+
+
+@pytest.mark.parametrize('attention', [LOCAL, GLOBAL], ids=['local', 'global'])
+def test_local_prefix_lm_cache_equals_full(attention):
   """unilm_prefix with local attention (window 3) through the ring buffer, fed as decode.py does:
   sources longer than the window padded after their tokens (prefix_len counts the pads), here
   with the first two target tokens in the same call (the prefix mask then separates them from
   the source), then one token at a time. Each row's logits equal the full forward of its
-  sequence without the source's pads."""
+  sequence without the source's pads. With global tokens (a linear cache) they are the source's
+  first two tokens."""
   config = unilm_prefix.get_config('tiny')
-  config.update(positional='relative_bias', **LOCAL)
+  config.update(positional='relative_bias', **attention)
   model = variants.build_model(config, VOCAB)
   ids = jax.random.randint(jax.random.key(3), (2, 12), 4, VOCAB)
   source_lens, padded_len, steps = (6, 4), 7, 4
@@ -354,7 +360,9 @@ def test_local_prefix_lm_cache_equals_full():
   step = jax.jit(lambda cache, ids: model.apply({'params': params, 'cache': cache}, ids,
                                                 prefix_len=prefix_len, decode=True,
                                                 mutable=['cache']))
-  prompt_logits, mutated = step(decode.init_cache(model, 2, 12, prefix_len_B=prefix_len), prompt)
+  # A linear cache (global tokens) needs a slot for every token fed, the source's pads included.
+  cache = decode.init_cache(model, 2, padded_len + 2 + steps, prefix_len_B=prefix_len)
+  prompt_logits, mutated = step(cache, prompt)
   rest_logits = one_token_at_a_time(step, mutated['cache'], rest)
   # Pads at the end of the shorter sequence change none of the logits before them.
   tight = jnp.where(jnp.arange(12)[None] < jnp.asarray(source_lens)[:, None] + 2 + steps, ids, 0)

@@ -201,18 +201,19 @@ def test_real_sweep_of_two_runs_then_a_rerun_skips_them(tmp_path):
   assert (tmp_path / 'shuffle_buffer_seed=0,seed=0' / 'metrics.jsonl').read_text() == metrics
 
 
-def test_report_gives_step_time_and_cache_bytes_when_runs_logged_them(tmp_path):
+def test_report_gives_step_time_memory_and_cache_bytes_when_runs_logged_them(tmp_path):
   s = sweep.load_sweep(None, CONFIG, ['num_kv_heads=2'], [], ['0'])
   workdir = tmp_path / 'num_kv_heads=2,seed=0'
   write_metrics(workdir, [dict(step=3, eval_loss=2.0)], last_step=0)
   with open(workdir / 'metrics.jsonl', 'a', encoding='utf-8') as f:
     for step, ms in ((1, 30.0), (2, 50.0), (3, 40.0)):
-      f.write(json.dumps(dict(step=step, time=0.0, train_loss=5.0, step_ms=ms)) + '\n')
+      memory = dict(step_memory_mib=123.4) if step == 1 else {}  # the first record only
+      f.write(json.dumps(dict(step=step, time=0.0, train_loss=5.0, step_ms=ms, **memory)) + '\n')
   config = dict(variant='original', num_layers=6, num_decoder_layers=3, num_heads=4,
                 num_kv_heads=2, d_model=32)
   (workdir / 'config.json').write_text(json.dumps(config))
   write_record(workdir, returncode=0, wall_s=60.0, attempts=1)
   lines = sweep.report(s, str(tmp_path), 'python -m launch.sweep ...').splitlines()
-  assert lines[0].endswith('| eval_loss | step (ms) | cache bytes / token |')
+  assert lines[0].endswith('| eval_loss | step (ms) | step memory (MiB) | cache bytes / token |')
   # Median of 30, 50, 40 ms; keys and values of 3 decoder layers x 2 heads x 8 wide, float32.
-  assert lines[2].endswith(f'| 2 | 40 | {2 * 3 * 2 * 8 * 4} |')
+  assert lines[2].endswith(f'| 2 | 40 | 123.4 | {2 * 3 * 2 * 8 * 4} |')

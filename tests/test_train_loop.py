@@ -1,6 +1,7 @@
 """The training loop end to end on real text: resume, refusal of bad input, non-finite loss."""
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -37,6 +38,7 @@ def record_train_batches(monkeypatch) -> list:
       seen.append(hashlib.sha1(b''.join(np.asarray(batch[k]).tobytes()
                                         for k in sorted(batch))).hexdigest())
       return step(state, batch)
+    recorded.lower = step.lower  # for the step's memory, read from its compilation
     return recorded
 
   monkeypatch.setattr(train, 'jit_train_step', recording_jit_train_step)
@@ -54,6 +56,11 @@ def test_resume_is_exact(data_dir, tmp_path, monkeypatch):
                                         str(tmp_path / 'resumed'))
   assert len(straight_batches) == 6 and seen == straight_batches
   assert int(resumed.step) == 6
+  # Each run (one, then two) logged the memory its compiled step planned, once.
+  for name, runs in (('straight', 1), ('resumed', 2)):
+    with open(tmp_path / name / 'metrics.jsonl', encoding='utf-8') as f:
+      planned = [r['step_memory_mib'] for r in map(json.loads, f) if 'step_memory_mib' in r]
+    assert len(planned) == runs and all(mib > 0.1 for mib in planned)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                resumed.params, straight.params)
 

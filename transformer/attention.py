@@ -37,7 +37,8 @@ class MultiHeadAttention(nn.Module):
   key/value head h // (num_heads / num_kv_heads), so consecutive query heads share one, and the
   decoding cache holds only the key/value heads. qk_norm normalises each head's queries and keys
   over E (with a learned scale) before the dot product; rope_theta rotates them by the positions
-  of x's tokens (self-attention only; positions.rotary); logit_bias adds a per-head bias (T5's
+  of x's tokens, the keys by kv_positions_BxK where kv is more than x (a Transformer-XL memory
+  followed by x) (self-attention only; positions.rotary); logit_bias adds a per-head bias (T5's
   relative bias, ALiBi).
 
   With `decode=True` (self-attention only), new keys/values are written into a cache at
@@ -50,6 +51,11 @@ class MultiHeadAttention(nn.Module):
   attention_window (self-attention, not decoding): local attention computed block by block
   (attention_kinds.py); the caller's mask and logit bias are then those of the blocks
   ([B * N, 1, W, K] and [B * N, H, W, K]), and `causal` says which key blocks a block reads.
+  num_global_tokens = g (Longformer's global attention, with attention_window): each block's
+  keys end with the g global keys, and the g global queries read every key in a block of their
+  own (_local_attend); the caller's mask and logit bias are then pairs, one per part
+  ([B * N, 1, W, K + g], [B, 1, g, L]; the biases with H for 1). Decoding reads a linear cache
+  under the caller's mask, which holds the global pairs (DecodeCursor).
   low_rank_dim (bidirectional self-attention): Linformer's projection of the keys and values
   along the sequence (_project_length).
   stride (self-attention): strided attention, its local and strided parts computed block by
@@ -78,13 +84,15 @@ class MultiHeadAttention(nn.Module):
   max_len: int = 0  # low_rank_dim: the longest sequence its length projections take.
   impl: str = 'xla'  # An IMPLS name: how softmax(Q K^T) V is computed.
   ring_cache_size: Optional[int] = None  # Decoding: a ring-buffer cache of this many slots.
+  num_global_tokens: int = 0  # Local attention: the first this many tokens are global.
 
   @nn.compact
   def __call__(self, x_BxQxD: Array, kv_BxKxD: Array, mask_Bx1xQxK: Optional[Array], *,
                deterministic: bool, decode: bool = False, cache_slot: Optional[Array] = None,
                positions_BxQ: Optional[Array] = None,
                logit_bias_BxHxQxK: Optional[Array] = None,
-               cache_index: Optional[int] = None) -> Array:
+               cache_index: Optional[int] = None,
+               kv_positions_BxK: Optional[Array] = None) -> Array:
     d_model = x_BxQxD.shape[-1]
     num_kv_heads = self.num_kv_heads or self.num_heads
     if d_model % self.num_heads or self.num_heads % num_kv_heads:
@@ -111,9 +119,11 @@ class MultiHeadAttention(nn.Module):
       norm = lambda name: norms.make_norm(self.qk_norm, self.norm_epsilon, self.dtype, name,
                                           axis_name=None)
       q_BxQxHxE, k_BxKxGxE = norm('query_norm')(q_BxQxHxE), norm('key_norm')(k_BxKxGxE)
-    if self.rope_theta:  # Self-attention: the new keys are the queries' tokens (cached rotated).
+    if self.rope_theta:  # Self-attention: the new keys are the queries' tokens (cached rotated),
+      # or a segment memory's tokens followed by them (kv_positions_BxK).
       q_BxQxHxE = positions.rotary(q_BxQxHxE, positions_BxQ, self.rope_theta)
-      k_BxKxGxE = positions.rotary(k_BxKxGxE, positions_BxQ, self.rope_theta)
+      k_BxKxGxE = positions.rotary(k_BxKxGxE, positions_BxQ if kv_positions_BxK is None
+                                   else kv_positions_BxK, self.rope_theta)
 
     if decode:
       k_BxKxGxE, v_BxKxGxE = self._update_cache(k_BxKxGxE, v_BxKxGxE, cache_slot, cache_index)
@@ -127,14 +137,8 @@ class MultiHeadAttention(nn.Module):
       out_BxQxHxE = self._strided_attend(q_BxQxHxE, k_BxKxGxE, v_BxKxGxE, mask_Bx1xQxK,
                                          logit_bias_BxHxQxK, deterministic)
     elif self.attention_window and not decode:  # local: the same attention, a block at a time
-      length = q_BxQxHxE.shape[1]
-      q_idx_NxW, kv_idx_NxK = attention_kinds.local_blocks(length, self.attention_window,
-                                                           self.causal)
-      q_NxWxHxE, k_NxKxGxE, v_NxKxGxE = attention_kinds.qkv_blocks(
-          q_BxQxHxE, k_BxKxGxE, v_BxKxGxE, q_idx_NxW, kv_idx_NxK)
-      out_NxWxHxE, _ = self._attend(q_NxWxHxE, k_NxKxGxE, v_NxKxGxE, mask_Bx1xQxK,
-                                    logit_bias_BxHxQxK, deterministic)
-      out_BxQxHxE = attention_kinds.unfold(out_NxWxHxE, q_BxQxHxE.shape[0])[:, :length]
+      out_BxQxHxE = self._local_attend(q_BxQxHxE, k_BxKxGxE, v_BxKxGxE, mask_Bx1xQxK,
+                                       logit_bias_BxHxQxK, deterministic)
     else:
       out_BxQxHxE, weights_BxHxQxK = self._attend(q_BxQxHxE, k_BxKxGxE, v_BxKxGxE, mask_Bx1xQxK,
                                                   logit_bias_BxHxQxK, deterministic)
@@ -142,6 +146,29 @@ class MultiHeadAttention(nn.Module):
         self.sow('intermediates', 'attention_weights', weights_BxHxQxK)  # For visualization.
     out_BxQxD = out_BxQxHxE.reshape(*out_BxQxHxE.shape[:2], d_model)
     return dense(d_model, ('heads', 'embed'), self.dtype, 'out', use_bias=self.use_bias)(out_BxQxD)
+
+  def _local_attend(self, q_BxQxHxE, k_BxKxGxE, v_BxKxGxE, mask, logit_bias, deterministic):
+    """Local attention (attention_kinds.py): the blocks under their mask and bias; with global
+    tokens, the blocks' keys end with the global keys, and the global queries' rows are those of
+    their own block over every key (mask and bias are then pairs, one per part). -> [B, Q, H, E].
+    """
+    batch, length = q_BxQxHxE.shape[:2]
+    parts = attention_kinds.local_parts(length, self.attention_window, self.causal,
+                                        self.num_global_tokens)
+    if len(parts) == 1:  # no global tokens: the caller's mask and bias are the blocks' own
+      mask, logit_bias = (mask,), (logit_bias,)
+    outs = []
+    for (q_idx_NxW, kv_idx_NxK), mask_Nx1xWxK, bias_NxHxWxK in zip(
+        parts, mask, logit_bias or (None, None)):
+      q_NxWxHxE, k_NxKxGxE, v_NxKxGxE = attention_kinds.qkv_blocks(
+          q_BxQxHxE, k_BxKxGxE, v_BxKxGxE, q_idx_NxW, kv_idx_NxK)
+      out_NxWxHxE, _ = self._attend(q_NxWxHxE, k_NxKxGxE, v_NxKxGxE, mask_Nx1xWxK, bias_NxHxWxK,
+                                    deterministic)
+      outs.append(attention_kinds.unfold(out_NxWxHxE, batch))
+    out_BxQxHxE = outs[0][:, :length]
+    if len(outs) > 1:  # the global queries read every key in their own block
+      out_BxQxHxE = out_BxQxHxE.at[:, :outs[1].shape[1]].set(outs[1])
+    return out_BxQxHxE
 
   def _strided_attend(self, q_BxQxHxE, k_BxKxGxE, v_BxKxGxE, part_masks, part_biases,
                       deterministic):
@@ -347,6 +374,10 @@ class DecodeCursor(nn.Module):
   attention's window, or strided attention's pattern, over positions), and the positions of
   every cached key [B, C] (for position-dependent logit biases).
 
+  Local attention's global tokens (num_global, Longformer's) are those at a row's first
+  positions, pads skipped: they read, and are read by, every key the mask allows. Every query
+  reads them, so they take the linear cache (ring_size None), not a ring of the window.
+
   With ring_size C (local attention) the cache is a ring buffer that keeps each row's last C
   real tokens, the one at position p in slot p mod C: memory O(C) whatever the decode length.
   Pads take no slot, so a padded prompt cannot push real tokens out of the ring. It then
@@ -358,6 +389,7 @@ class DecodeCursor(nn.Module):
   window: Optional[int] = None  # local attention: only keys fewer positions away than this
   ring_size: Optional[int] = None  # a ring-buffer cache of this many slots (None: linear)
   stride: Optional[int] = None  # strided attention: keys within or a multiple of this away
+  num_global: int = 0  # local attention: tokens at positions below this read and are read by all
 
   @nn.compact
   def __call__(self, valid_BxQ: Array, prefix_len_B: Optional[Array] = None):
@@ -391,7 +423,7 @@ class DecodeCursor(nn.Module):
     else:
       raise ValueError(f'Cannot decode incrementally with mask kind {self.kind!r}')
     local = None if self.window is None else masks.window_mask(positions_BxQ, kv_positions_BxC,
-                                                                self.window)
+                                                                self.window, self.num_global)
     strided = (None if self.stride is None
                else masks.strided_mask(positions_BxQ, kv_positions_BxC, self.stride))
     mask = masks.combine(masks.padding_mask(kv_valid_BxC), structure, local, strided)

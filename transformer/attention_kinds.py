@@ -7,6 +7,16 @@
           each block against the keys of its own block and the one before it (causal) or the
           ones on either side (bidirectional), which hold every key within the window. Logits
           take [B, H, L, 2w or 3w]: memory grows as L * w, not as L^2.
+          num_global_tokens = g > 0 adds Longformer's global attention (Beltagy et al. 2020,
+          section 3.1), symmetric: the first g tokens of a row are global, and query i reads key j
+          if the mask allows and |i - j| < w, or j < g, or i < g (a causal global query still
+          reads no later key). Every block's keys end with the g global keys (a global key
+          within a query's window is read among the window's keys and masked among the global
+          ones: counted once), and the g global queries read every key in a block of their own,
+          whose rows replace theirs in the blocks' output. Logits take [B, H, L, 2w + g or
+          3w + g] and [B, H, g, L]: memory grows as L * (w + g). The globals are the first g
+          indices of a row (in cached decoding the first g positions, pads skipped), so packed
+          rows, whose examples start anywhere, are refused (config_checks).
   strided the Sparse Transformer's strided pattern (Child et al. 2019, section 4.2), its stride
           l being attention_window: query i reads the keys j with |i - j| < l (the local part,
           as `local`) or (i - j) mod l == 0 (the strided part) that the mask allows. The two
@@ -53,7 +63,10 @@ with the window (masks.local_self_attention_mask); position-dependent logit bias
 ALiBi) are computed on the same blocks. Cached decoding keeps a ring buffer of each row's last
 w keys and values (attention.DecodeCursor), so its memory is O(w) whatever the decode length:
 each call's queries read the ring followed by their own new keys, under the window mask over
-positions, and the last w of those keys (pads skipped) then overwrite the oldest slots.
+positions, and the last w of those keys (pads skipped) then overwrite the oldest slots. With
+global tokens, every query reads the first g, so decoding keeps a cache as long as the decode
+instead (layers.ring_cache_size), read under the window mask or'ed with the global pairs over
+positions (masks.window_mask).
 A strided pass does the same for each of its two parts (masks.strided_self_attention_mask);
 cached decoding reads a full-length cache under the strided mask (masks.strided_mask). An lsh
 pass evaluates the mask on the pairs it picks, from per-token facts (masks.TokenMask); logit
@@ -77,8 +90,29 @@ def local_blocks(length: int, window: int, causal: bool) -> tuple[np.ndarray, np
   num_blocks = -(-length // window)
   starts_N = np.arange(num_blocks) * window
   q_idx_NxW = starts_N[:, None] + np.arange(window)[None, :]
-  span = np.arange(-window, window if causal else 2 * window)
+  span = np.arange(-window, window_keys(window, causal) - window)
   return q_idx_NxW, starts_N[:, None] + span[None, :]
+
+
+def window_keys(window: int, causal: bool) -> int:
+  """The keys of a local block: 2W (the block before and its own) if causal, else 3W."""
+  return (2 if causal else 3) * window
+
+
+def local_parts(length: int, window: int, causal: bool,
+                num_global: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+  """The (query indices, key indices) of each part of a local pass: its blocks (local_blocks);
+  with num_global global tokens (the first g = min(num_global, length) of the row), the same
+  blocks with the g global keys after their own ([N, W], [N, K + g]), and one block of the g
+  global queries reading every key ([1, g], [1, length]), whose rows replace theirs."""
+  q_idx_NxW, kv_idx_NxK = local_blocks(length, window, causal)
+  num_global = min(num_global, length)
+  if not num_global:
+    return [(q_idx_NxW, kv_idx_NxK)]
+  global_idx = np.arange(num_global)
+  with_globals_NxK = np.concatenate(
+      [kv_idx_NxK, np.broadcast_to(global_idx, (len(kv_idx_NxK), num_global))], axis=1)
+  return [(q_idx_NxW, with_globals_NxK), (global_idx[None, :], np.arange(length)[None, :])]
 
 
 def gather_blocks(x_BxLx, idx_NxK: np.ndarray):

@@ -49,6 +49,18 @@ def _problems(config) -> list[str]:
   if config.attention_kind in ('local', 'strided', 'lsh') and config.attention_window < 1:
     problems.append(f'config.attention_window={config.attention_window} must be at least 1 '
                     f'(attention_kind={config.attention_kind}).')
+  if config.num_global_tokens < 0:
+    problems.append(f'config.num_global_tokens={config.num_global_tokens} must be 0 (none) or '
+                    'positive.')
+  elif config.num_global_tokens:
+    if config.attention_kind != 'local':
+      problems.append(f'config.num_global_tokens={config.num_global_tokens} (Longformer\'s '
+                      'global tokens) needs config.attention_kind=local, not '
+                      f'{config.attention_kind}.')
+    if config.packing:
+      problems.append(f'config.num_global_tokens={config.num_global_tokens} needs '
+                      'config.packing=False: the global tokens are the first of each row, and a '
+                      'packed example may start anywhere in it.')
   if config.attention_kind in ('strided', 'lsh') and config.attention_impl != 'xla':
     problems.append(f'config.attention_kind={config.attention_kind} joins several key sets in '
                     f'one softmax of its own: attention_impl={config.attention_impl} cannot '
@@ -80,6 +92,8 @@ def _problems(config) -> list[str]:
     problems.append(f'config.attention_impl={config.attention_impl} (jax.nn.dot_product_attention) '
                     'applies no attention dropout: set attention_dropout_rate=0 or '
                     'attention_impl=xla.')
+  if config.memory_length:
+    problems.extend(_memory_problems(config))
   if config.scan_layers and config.share_layers:
     problems.append('config.scan_layers stacks one set of parameters per layer; '
                     'config.share_layers has one for all: choose one.')
@@ -97,6 +111,28 @@ def _problems(config) -> list[str]:
       problems.append(f'Sequences of {_lengths(too_long)} tokens exceed the learned positions '
                       f'of config.max_len={config.max_len}; raise max_len or shorten them.')
   return problems
+
+
+def _memory_problems(config) -> list[str]:
+  """What Transformer-XL's memory (config.memory_length) needs of the rest of the config."""
+  field = f'config.memory_length={config.memory_length}'
+  if config.memory_length < 0:
+    return [f'{field} must be 0 (no memory) or positive.']
+  needs = []
+  if variants.get(config.variant).data != 'causal_lm':
+    needs.append(f'a language model over running text (a variant whose data is causal_lm: '
+                 f'{", ".join(n for n, v in variants.VARIANTS.items() if v.data == "causal_lm")}'
+                 f'), not config.variant={config.variant}')
+  if config.positional not in positions.RELATIVE:
+    needs.append(f'relative positions (config.positional: {", ".join(positions.RELATIVE)}), '
+                 f'not {config.positional}: absolute ones would restart at every segment')
+  if config.attention_kind != 'full':
+    needs.append(f'config.attention_kind=full, not {config.attention_kind}')
+  if config.packing:
+    needs.append('config.packing=False (each row is one continuous stream)')
+  if config.scan_layers:
+    needs.append('config.scan_layers=False (each layer reads a memory of its own)')
+  return [f'{field} (Transformer-XL) needs {need}.' for need in needs]
 
 
 def _lengths(lengths: dict[str, int]) -> str:

@@ -45,7 +45,8 @@ Array = jnp.ndarray
 def init_cache(model, batch_size: int, cache_len: int, *, encoded_BxSxD=None, inputs_BxS=None,
                prefix_len_B=None):
   """A zeroed cache of `cache_len` slots for `model` (shapes via eval_shape: no parameters made);
-  local attention's self-attention keeps attention_window slots instead, whatever cache_len.
+  local attention's self-attention keeps attention_window slots instead, whatever cache_len
+  (unless it has global tokens).
 
   Encoder-decoder models need the encoder output and source ids; a prefix-LM needs prefix_len.
   """

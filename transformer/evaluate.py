@@ -15,25 +15,35 @@ from absl import logging
 from transformer import data, decode, distributed, metrics, objectives, sharding, variants
 
 
-def eval_step(params, batch: dict, *, model, config) -> dict:
-  """Token sums of loss, NLL and accuracy on one batch (padding rows have weight 0)."""
-  logits = objectives.forward(model, params, batch, deterministic=True)
-  return objectives.loss_and_metrics(logits, batch, config.label_smoothing)[1]
+def eval_step(params, batch: dict, memory: dict, *, model, config) -> tuple[dict, dict]:
+  """Token sums of loss, NLL and accuracy on one batch (padding rows have weight 0), and the
+  Transformer-XL memory after it (config.memory_length; {} without one)."""
+  if config.memory_length:
+    logits, memory = objectives.forward_with_memory(model, params, memory, batch)
+  else:
+    logits = objectives.forward(model, params, batch, deterministic=True)
+  return objectives.loss_and_metrics(logits, batch, config.label_smoothing)[1], memory
 
 
 def jit_eval_step(model, config, mesh, params_shardings):
-  """eval_step compiled for params laid out as params_shardings and batches split over the mesh."""
+  """eval_step compiled for params laid out as params_shardings and batches (and a memory's rows)
+  split over the mesh."""
   step = functools.partial(eval_step, model=model, config=config)
-  return jax.jit(step, in_shardings=(params_shardings, sharding.batch_sharding(mesh)))
+  rows = sharding.batch_sharding(mesh)
+  return jax.jit(step, in_shardings=(params_shardings, rows, rows), out_shardings=(None, rows))
 
 
 def loss_metrics(ctx, eval_fn, params, batches) -> dict:
-  """Token-weighted loss, NLL, perplexity and accuracy over `batches`."""
-  sums = None
+  """Token-weighted loss, NLL, perplexity and accuracy over `batches`; with a Transformer-XL
+  memory, each batch's rows continue the last batch's (data.make_eval_batches)."""
+  sums, memory = None, {}
   for batch in batches:
     batch = sharding.global_batch(batch, ctx.mesh)
+    if sums is None and ctx.config.memory_length:
+      memory = jax.jit(functools.partial(objectives.initial_memory, ctx.model),
+                       out_shardings=sharding.batch_sharding(ctx.mesh))(batch)
     distributed.wait_before_launch(sums)
-    out = eval_fn(params, batch)
+    out, memory = eval_fn(params, batch, memory)
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   return objectives.summarize(jax.device_get(sums))
 

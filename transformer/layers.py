@@ -53,9 +53,11 @@ class ModelConfig:
   share_layers: bool = False
   attention_kind: str = 'full'
   attention_window: int = 128
+  num_global_tokens: int = 0
   low_rank_dim: int = 64
   lsh_buckets: int = 8
   lsh_rounds: int = 2
+  memory_length: int = 0
   attention_impl: str = 'xla'
   remat: str = 'none'
   scan_layers: bool = False
@@ -86,8 +88,16 @@ def ring_cache_size(cfg: ModelConfig) -> Optional[int]:
   a cache as long as the decode. Only local attention has one: its queries never read a key
   attention_window or more positions back (strided attention's reach the whole way back).
   A query's own key comes with the new keys, so attention_window - 1 slots would do; one more
-  keeps a window of 1 from an empty ring."""
-  return cfg.attention_window if cfg.attention_kind == 'local' else None
+  keeps a window of 1 from an empty ring. Global tokens (num_global_tokens) are read by every
+  query however far back: they take the linear cache."""
+  return (cfg.attention_window if cfg.attention_kind == 'local' and not cfg.num_global_tokens
+          else None)
+
+
+def memory_positions(positions_BxL: Array, memory_length: int) -> Array:
+  """The positions of a Transformer-XL memory's tokens [B, M]: the M that came just before the
+  segment whose positions are positions_BxL (it starts each row at its first position)."""
+  return positions_BxL[:, :1] + jnp.arange(-memory_length, 0)[None, :]
 
 
 def norm(name: str, cfg: ModelConfig) -> nn.Module:
@@ -205,14 +215,18 @@ class Block(nn.Module):
   cross_attention: bool = False
   causal: bool = False  # its self-attention is causal (local attention reads no later block)
 
-  def _residual(self, x_BxLxD, sublayer, name, deterministic):
+  def _residual(self, x_BxLxD, sublayer, name, deterministic, memory_BxMxD=None):
+    """x plus the sublayer's dropped-out output, normalised before or after. A Transformer-XL
+    memory (the states of the tokens before x) is normalised as x is and given to the sublayer
+    as its second argument."""
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout_rate)
+    layer_norm = norm(f'{name}_norm', cfg)
     if cfg.pre_ln:
-      return x_BxLxD + drop(sublayer(norm(f'{name}_norm', cfg)(x_BxLxD)),
-                            deterministic=deterministic)
-    return norm(f'{name}_norm', cfg)(
-        x_BxLxD + drop(sublayer(x_BxLxD), deterministic=deterministic))
+      context = () if memory_BxMxD is None else (layer_norm(memory_BxMxD),)
+      return x_BxLxD + drop(sublayer(layer_norm(x_BxLxD), *context), deterministic=deterministic)
+    context = () if memory_BxMxD is None else (memory_BxMxD,)
+    return layer_norm(x_BxLxD + drop(sublayer(x_BxLxD, *context), deterministic=deterministic))
 
   @nn.compact
   def __call__(self, x_BxLxD: Array, self_mask: Optional[Array],
@@ -220,9 +234,12 @@ class Block(nn.Module):
                deterministic: bool = True, decode: bool = False,
                cache_slot: Optional[Array] = None, positions_BxL: Optional[Array] = None,
                logit_bias_BxHxLxK: Optional[Array] = None,
-               cache_index: Optional[int] = None) -> Array:
+               cache_index: Optional[int] = None,
+               memory_BxMxD: Optional[Array] = None) -> Array:
     """positions_BxL of x's tokens serve rotary positions; logit_bias_BxHxLxK is added to the
     self-attention's logits; cache_index keeps one decoding cache per depth of a shared block.
+    memory_BxMxD (Transformer-XL): this layer's inputs at the M tokens before x, which the
+    self-attention reads as keys and values before x's own (self_mask then spans M + L keys).
     Arguments are positional where Stack calls it, so that remat can hold the Python ones static
     (BLOCK_STATIC_ARGNUMS)."""
     cfg = self.cfg
@@ -237,16 +254,27 @@ class Block(nn.Module):
           causal=self.causal, low_rank_dim=cfg.low_rank_dim
           if positional and cfg.attention_kind == 'low_rank' else None, max_len=cfg.max_len,
           impl=cfg.attention_impl, ring_cache_size=ring_cache_size(cfg) if positional else None,
+          num_global_tokens=cfg.num_global_tokens if positional else 0,
           stride=attention_stride(cfg) if positional else None,
           lsh_buckets=cfg.lsh_buckets if positional and cfg.attention_kind == 'lsh' else None,
           lsh_rounds=cfg.lsh_rounds, lsh_chunk=cfg.attention_window, name=name)
 
-    x_BxLxD = self._residual(
-        x_BxLxD, lambda h: attention('self_attention', True)(
-            h, h, self_mask, deterministic=deterministic, decode=decode, cache_slot=cache_slot,
-            positions_BxQ=positions_BxL, logit_bias_BxHxQxK=logit_bias_BxHxLxK,
-            cache_index=cache_index),
-        'self_attention', deterministic)
+    kv_positions_BxK = None
+    if memory_BxMxD is not None:
+      kv_positions_BxK = jnp.concatenate(
+          [memory_positions(positions_BxL, memory_BxMxD.shape[1]), positions_BxL], axis=1)
+
+    def self_attention(h_BxLxD, memory_BxMxD=None):
+      kv_BxKxD = (h_BxLxD if memory_BxMxD is None
+                  else jnp.concatenate([memory_BxMxD, h_BxLxD], axis=1))
+      return attention('self_attention', True)(
+          h_BxLxD, kv_BxKxD, self_mask, deterministic=deterministic, decode=decode,
+          cache_slot=cache_slot, positions_BxQ=positions_BxL,
+          logit_bias_BxHxQxK=logit_bias_BxHxLxK, cache_index=cache_index,
+          kv_positions_BxK=kv_positions_BxK)
+
+    x_BxLxD = self._residual(x_BxLxD, self_attention, 'self_attention', deterministic,
+                             memory_BxMxD)
     if self.cross_attention:  # Positions do not apply across two sequences.
       x_BxLxD = self._residual(
           x_BxLxD, lambda h: attention('cross_attention', False)(
@@ -302,6 +330,15 @@ class Stack(nn.Module):
 
   A logit-bias positional scheme is computed once per stack and shared by its layers (T5 keeps
   one relative-bias table per stack); `causal` picks T5's one-sided bucketing.
+
+  memory_length (Transformer-XL, Dai et al. 2019, §3.2): when the caller passes a 'memory'
+  collection (objectives.forward_with_memory), each layer's self-attention also reads that
+  layer's inputs at the last memory_length tokens before this segment, through a stop-gradient,
+  at positions -M .. -1 relative to it; afterwards the memory keeps the last memory_length of
+  them and of this segment's. Its variables are batch-first: 'hidden' [B, layers, M, D] and
+  'valid' [B, M] (which slots hold a real token: none at first). Without the collection the
+  stack reads the segment alone (generation, visualisation). Positions are the config's relative
+  ones (rotary, T5's bias, ALiBi), in place of the paper's own relative encoding (§3.3).
   """
   cfg: ModelConfig
   num_layers: int
@@ -311,14 +348,32 @@ class Stack(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD, self_mask, *, encoded_BxSxD=None, cross_mask=None,
                deterministic=True, decode=False, cache_slot=None, positions_BxL=None,
-               kv_positions_BxK=None):
+               kv_positions_BxK=None, valid_BxL=None):
     cfg = self.cfg
+    remembers = cfg.memory_length and not decode and (
+        self.has_variable('memory', 'hidden') or self.is_mutable_collection('memory'))
+    memory_BxNxMxD = None
+    if remembers:
+      batch, _, d_model = x_BxLxD.shape
+      hidden = self.variable('memory', 'hidden', jnp.zeros,
+                             (batch, self.num_layers, cfg.memory_length, d_model), x_BxLxD.dtype)
+      remembered = self.variable('memory', 'valid', jnp.zeros, (batch, cfg.memory_length),
+                                 jnp.bool_)
+      memory_BxNxMxD = jax.lax.stop_gradient(hidden.value)
+      # Every memory token precedes every query: causality holds; only empty slots are masked.
+      self_mask = jnp.concatenate([jnp.broadcast_to(
+          remembered.value[:, None, None, :], (*self_mask.shape[:3], cfg.memory_length)),
+                                   self_mask], axis=-1)
+      kv_positions_BxK = jnp.concatenate(
+          [memory_positions(positions_BxL, cfg.memory_length), positions_BxL], axis=1)
     # The (query, key) positions of the logits: the cache's keys when decoding, else every key,
-    # or the blocks of local attention and of each part of strided attention (attention_kinds.py).
+    # or those of each part of local attention (its blocks; with global tokens, its blocks with
+    # the global keys and its global queries) and of strided attention (attention_kinds.py).
     pairs = [(positions_BxL, positions_BxL if kv_positions_BxK is None else kv_positions_BxK)]
     if kv_positions_BxK is None and (local_window(cfg) or attention_stride(cfg)):
       length = positions_BxL.shape[1]
-      parts = ([attention_kinds.local_blocks(length, cfg.attention_window, self.causal)]
+      parts = (attention_kinds.local_parts(length, cfg.attention_window, self.causal,
+                                           cfg.num_global_tokens)
                if local_window(cfg)
                else attention_kinds.strided_parts(length, cfg.attention_window, self.causal))
       pairs = [tuple(attention_kinds.fold(attention_kinds.gather_blocks(positions_BxL, idx))
@@ -332,7 +387,8 @@ class Stack(nn.Module):
     elif cfg.positional == 'alibi':
       biases = [positions.alibi_bias(q_positions, kv_positions, cfg.num_heads)
                 for q_positions, kv_positions in pairs]
-    # A strided pass's two parts take a tuple of biases, as they take a tuple of masks.
+    # A strided pass's two parts (a local pass's, with global tokens) take a tuple of biases, as
+    # they take a tuple of masks.
     logit_bias = None if biases is None else biases[0] if len(biases) == 1 else tuple(biases)
     args = (self_mask, encoded_BxSxD, cross_mask, deterministic, decode, cache_slot,
             positions_BxL, logit_bias)
@@ -346,8 +402,15 @@ class Stack(nn.Module):
       else:
         blocks = [block(cfg, self.cross_attention, self.causal, name=f'layer_{i}')
                   for i in range(self.num_layers)]
+      layer_inputs = []
       for i, layer in enumerate(blocks):
-        x_BxLxD = layer(x_BxLxD, *args, i if cfg.share_layers else None)
+        layer_inputs.append(x_BxLxD)
+        x_BxLxD = layer(x_BxLxD, *args, i if cfg.share_layers else None,
+                        None if memory_BxNxMxD is None else memory_BxNxMxD[:, i])
+      if remembers and self.is_mutable_collection('memory'):
+        keep = lambda old, new: jnp.concatenate([old, new], axis=-2)[..., -cfg.memory_length:, :]
+        hidden.value = jax.lax.stop_gradient(keep(hidden.value, jnp.stack(layer_inputs, axis=1)))
+        remembered.value = keep(remembered.value[..., None], valid_BxL[..., None])[..., 0]
     if cfg.pre_ln:
       x_BxLxD = norm('final_norm', cfg)(x_BxLxD)
     return x_BxLxD

@@ -75,11 +75,15 @@ def combine(*masks: Optional[Array]) -> Optional[Array]:
   return out
 
 
-def window_mask(q_pos: Array, kv_pos: Array, window: int) -> Array:
-  """Keys fewer than `window` positions from the query: |q - k| < window (local attention).
+def window_mask(q_pos: Array, kv_pos: Array, window: int, num_global: int = 0) -> Array:
+  """Keys fewer than `window` positions from the query: |q - k| < window (local attention), or,
+  with num_global global tokens (Longformer's), a key or query at a position < num_global.
   q_pos [Q] or [B, Q], kv_pos [K] or [B, K] -> [1 or B, 1, Q, K]."""
   q_pos, kv_pos = jnp.atleast_2d(q_pos), jnp.atleast_2d(kv_pos)
-  return (jnp.abs(q_pos[:, :, None] - kv_pos[:, None, :]) < window)[:, None]
+  within = jnp.abs(q_pos[:, :, None] - kv_pos[:, None, :]) < window
+  if num_global:
+    within = within | (q_pos[:, :, None] < num_global) | (kv_pos[:, None, :] < num_global)
+  return within[:, None]
 
 
 def strided_mask(q_pos: Array, kv_pos: Array, stride: int) -> Array:
@@ -145,11 +149,30 @@ def blocks_self_attention_mask(kind: str, valid_BxL: Array, q_idx_NxQ, kv_idx_Nx
   return attention_kinds.fold(jax.vmap(one_block, out_axes=1)(q_idx_NxQ, kv_idx_NxK))
 
 
-def local_self_attention_mask(kind: str, valid_BxL: Array, window: int, **parts) -> Array:
-  """self_attention_mask with the window, for each block of a local pass: [B * N, 1, W, K]."""
-  blocks = attention_kinds.local_blocks(valid_BxL.shape[1], window, causal=kind == 'causal')
-  return blocks_self_attention_mask(kind, valid_BxL, *blocks,
-                                    lambda q, k: window_mask(q, k, window), **parts)
+def local_self_attention_mask(kind: str, valid_BxL: Array, window: int, num_global: int = 0,
+                              **parts):
+  """self_attention_mask with the window, for each block of a local pass: [B * N, 1, W, K].
+  With num_global global tokens, the masks of its two parts (attention_kinds.local_parts): the
+  blocks' [B * N, 1, W, K + G], their last G keys the global ones outside the window (one inside
+  it is read as a window key: counted once), and the G global queries' [B, 1, G, L], every key
+  the mask allows. Packed rows have no global tokens (their examples start anywhere)."""
+  if num_global and parts.get('segment_ids_BxL') is not None:
+    raise ValueError('Global tokens (num_global_tokens) are the first of each row: packed rows '
+                     'cannot have them.')
+  blocks, *global_queries = attention_kinds.local_parts(valid_BxL.shape[1], window,
+                                                         kind == 'causal', num_global)
+  num_window_keys = attention_kinds.window_keys(window, kind == 'causal')
+
+  def within(q_idx_Q, kv_idx_K):  # the window's keys, then the global keys outside it
+    in_window = window_mask(q_idx_Q, kv_idx_K, window)
+    return jnp.where(jnp.arange(kv_idx_K.shape[0]) < num_window_keys, in_window, ~in_window)
+
+  block_mask = blocks_self_attention_mask(kind, valid_BxL, *blocks, within, **parts)
+  if not global_queries:
+    return block_mask
+  every_key = lambda q_idx_Q, kv_idx_K: None
+  return block_mask, blocks_self_attention_mask(kind, valid_BxL, *global_queries[0], every_key,
+                                                **parts)
 
 
 def strided_self_attention_mask(kind: str, valid_BxL: Array, stride: int,

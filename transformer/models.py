@@ -26,10 +26,12 @@ Array = jnp.ndarray
 
 def self_attention_mask(cfg: ModelConfig, kind: str, valid_BxL: Array, **parts) -> Array:
   """The self-attention mask of a training pass: the whole [B, 1, L, L] for full attention, the
-  blocks' [B * N, 1, W, K] for local attention, those of each of its two parts for strided
-  attention, per-token facts for lsh attention, which picks its pairs (attention_kinds.py)."""
+  blocks' [B * N, 1, W, K] for local attention (with global tokens, those of its two parts),
+  those of each of its two parts for strided attention, per-token facts for lsh attention,
+  which picks its pairs (attention_kinds.py)."""
   if cfg.attention_kind == 'local':
-    return masks.local_self_attention_mask(kind, valid_BxL, cfg.attention_window, **parts)
+    return masks.local_self_attention_mask(kind, valid_BxL, cfg.attention_window,
+                                           cfg.num_global_tokens, **parts)
   if cfg.attention_kind == 'strided':
     return masks.strided_self_attention_mask(kind, valid_BxL, cfg.attention_window, **parts)
   if cfg.attention_kind == 'lsh':
@@ -83,7 +85,8 @@ class EncoderDecoder(nn.Module):
     self.decoder = Stack(cfg, cfg.num_decoder_layers, cross_attention=True, causal=True)
     self.output_head = OutputHead(cfg)
     self.cursor = DecodeCursor('causal', local_window(cfg),  # Variables only when decoding.
-                               ring_cache_size(cfg), stride=attention_stride(cfg))
+                               ring_cache_size(cfg), stride=attention_stride(cfg),
+                               num_global=cfg.num_global_tokens)
 
   def encode(self, inputs_BxS, inputs_positions_BxS=None, inputs_segment_ids_BxS=None, *,
              deterministic=True) -> Array:
@@ -166,7 +169,8 @@ class SingleStack(nn.Module):
     self.stack = Stack(self.cfg, self.cfg.num_layers, causal=self.mask_kind == 'causal')
     self.output_head = MlmHead(self.cfg) if self.head == 'mlm' else OutputHead(self.cfg)
     self.cursor = DecodeCursor(self.mask_kind, local_window(self.cfg),  # Only when decoding.
-                               ring_cache_size(self.cfg), stride=attention_stride(self.cfg))
+                               ring_cache_size(self.cfg), stride=attention_stride(self.cfg),
+                               num_global=self.cfg.num_global_tokens)
 
   @staticmethod
   def batch_arguments(batch: dict) -> tuple[tuple, dict]:
@@ -195,5 +199,5 @@ class SingleStack(nn.Module):
     x_BxLxD = self.embedder(inputs_BxL, positions, token_types, deterministic=deterministic)
     x_BxLxD = self.stack(x_BxLxD, mask, deterministic=deterministic, decode=decode,
                          cache_slot=cache_slot, positions_BxL=positions,
-                         kv_positions_BxK=kv_positions)
+                         kv_positions_BxK=kv_positions, valid_BxL=valid_BxL)
     return self.output_head(x_BxLxD, self.embedder)

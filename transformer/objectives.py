@@ -21,6 +21,28 @@ def forward(model, params, batch: dict, *, deterministic: bool = True, rngs=None
   return model.apply({'params': params}, *args, **kwargs, deterministic=deterministic, rngs=rngs)
 
 
+def forward_with_memory(model, params, memory, batch: dict, *, deterministic: bool = True,
+                        rngs=None) -> tuple[Array, dict]:
+  """(logits [B, L, V], the memory after the batch) of a model with a Transformer-XL memory
+  (config.memory_length): each row of `batch` continues the row of the batch that left `memory`
+  (layers.Stack)."""
+  args, kwargs = model.batch_arguments(batch)
+  logits, updated = model.apply({'params': params, 'memory': memory}, *args, **kwargs,
+                                deterministic=deterministic, rngs=rngs, mutable=['memory'])
+  return logits, updated['memory']
+
+
+def initial_memory(model, batch: dict) -> dict:
+  """A Transformer-XL memory for the rows of `batch` that remembers nothing yet (all slots
+  empty), or {} for a model without one."""
+  def init(batch):
+    args, kwargs = model.batch_arguments(batch)
+    return model.init(jax.random.key(0), *args, **kwargs)
+
+  shapes = jax.eval_shape(init, batch)  # batch: arrays or jax.ShapeDtypeStruct
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), dict(shapes.get('memory', {})))
+
+
 def init_params(model, batch: dict, rng):
   """Freshly initialised parameters, boxed with their logical axis names (nn.Partitioned)."""
   args, kwargs = model.batch_arguments(batch)

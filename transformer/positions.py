@@ -26,6 +26,7 @@ ADDED = ('sinusoidal', 'learned')  # added to the embeddings
 ROTARY = 'rotary'
 LOGIT_BIASES = ('relative_bias', 'alibi')  # added to the attention logits
 KINDS = ADDED + (ROTARY,) + LOGIT_BIASES
+RELATIVE = (ROTARY,) + LOGIT_BIASES  # scores depend on distances only (a Transformer-XL memory)
 SINUSOIDAL_LAYOUTS = ('interleaved', 'halves')
 
 

@@ -36,17 +36,26 @@ class TrainState:
   rng: jax.Array  # uint32[2] key data; dropout uses fold_in(rng, step).
   nonfinite_steps: jax.Array  # Steps whose update was skipped for a non-finite loss or gradient.
   first_nonfinite_step: jax.Array  # The first such step, or -1.
+  # Transformer-XL (config.memory_length): what each row's stream left for the next batch's row
+  # (objectives.forward_with_memory); {} without one.
+  memory: Any
 
 
-def init_state(model, optimizer, batch: dict, seed: int) -> TrainState:
-  """A fresh state; its params are nn.Partitioned boxes (logical axes) for sharding decisions."""
+def _rows(batch: dict, num_rows: int) -> dict:
+  return jax.tree.map(lambda x: jnp.zeros((num_rows, *x.shape[1:]), x.dtype), batch)
+
+
+def init_state(model, optimizer, batch: dict, seed: int, memory_rows: int = 0) -> TrainState:
+  """A fresh state; its params are nn.Partitioned boxes (logical axes) for sharding decisions.
+  memory_rows: the batch size, for a model with a Transformer-XL memory (0: none)."""
   init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
   params = objectives.init_params(model, batch, init_rng)
+  memory = objectives.initial_memory(model, _rows(batch, memory_rows)) if memory_rows else {}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=optimizer.init(params),
                     rng=jax.random.key_data(dropout_rng),
                     nonfinite_steps=jnp.zeros((), jnp.int32),
-                    first_nonfinite_step=jnp.full((), -1, jnp.int32))
+                    first_nonfinite_step=jnp.full((), -1, jnp.int32), memory=memory)
 
 
 def split_microbatches(batch: dict, num_micro: int) -> dict:
@@ -57,36 +66,50 @@ def split_microbatches(batch: dict, num_micro: int) -> dict:
   return jax.tree.map(split, batch)
 
 
+def merge_microbatches(split: dict) -> dict:
+  """The inverse of split_microbatches: [k, B/k, ...] -> [B, ...]."""
+  return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(-1, *x.shape[2:]), split)
+
+
 def train_step(state: TrainState, batch: dict, *, model, optimizer, config):
   """One optimizer update over `batch` (accumulated over config.grad_accum_steps micro-batches).
 
   Gradients are of the summed token loss, divided once by the total token weight: accumulating k
   micro-batches is exactly one update on the k-times-larger batch.
+  A Transformer-XL memory (state.memory) goes in with the batch's rows and comes out with them.
   Returns (new state, metrics: token sums plus grad_norm and learning_rate).
   """
   dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
-  def micro_step(carry, micro_and_index):
+  def micro_step(carry, micro_memory_and_index):
     grad_sum, metric_sum = carry
-    micro, index = micro_and_index
+    micro, memory, index = micro_memory_and_index
 
     def loss_fn(params):
-      logits = objectives.forward(model, params, micro, deterministic=False,
-                                  rngs={'dropout': jax.random.fold_in(dropout_rng, index)})
-      return objectives.loss_and_metrics(logits, micro, config.label_smoothing)
+      rngs = {'dropout': jax.random.fold_in(dropout_rng, index)}
+      if config.memory_length:
+        logits, new_memory = objectives.forward_with_memory(model, params, memory, micro,
+                                                            deterministic=False, rngs=rngs)
+      else:
+        logits, new_memory = objectives.forward(model, params, micro, deterministic=False,
+                                                rngs=rngs), memory
+      loss, metrics = objectives.loss_and_metrics(logits, micro, config.label_smoothing)
+      return loss, (metrics, new_memory)
 
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+    grads, (metrics, new_memory) = jax.grad(loss_fn, has_aux=True)(state.params)
     return (jax.tree.map(jnp.add, grad_sum, grads),
-            jax.tree.map(jnp.add, metric_sum, metrics)), None
+            jax.tree.map(jnp.add, metric_sum, metrics)), new_memory
 
   num_micro = config.grad_accum_steps
   zeros = (jax.tree.map(jnp.zeros_like, state.params),
            {k: jnp.zeros((), jnp.float32) for k in ('loss', 'nll', 'accuracy', 'weight')})
   if num_micro == 1:  # No loop: a one-trip while loop would copy every gradient buffer.
-    (grad_sum, metrics), _ = micro_step(zeros, (batch, 0))
-  else:
-    (grad_sum, metrics), _ = jax.lax.scan(
-        micro_step, zeros, (split_microbatches(batch, num_micro), jnp.arange(num_micro)))
+    (grad_sum, metrics), new_memory = micro_step(zeros, (batch, state.memory, 0))
+  else:  # A micro-batch's memory rows are its batch rows (both are batch-first).
+    (grad_sum, metrics), split_memory = jax.lax.scan(
+        micro_step, zeros, (split_microbatches(batch, num_micro),
+                            split_microbatches(state.memory, num_micro), jnp.arange(num_micro)))
+    new_memory = merge_microbatches(split_memory)
   grads = jax.tree.map(lambda g: g / jnp.maximum(metrics['weight'], 1.0), grad_sum)
   grad_norm = optax.tree.norm(grads)
 
@@ -99,6 +122,7 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, config):
       step=state.step + 1,
       params=keep_if_finite(new_params, state.params),
       opt_state=keep_if_finite(new_opt_state, state.opt_state),
+      memory=keep_if_finite(new_memory, state.memory),
       nonfinite_steps=state.nonfinite_steps + bad.astype(jnp.int32),
       first_nonfinite_step=jnp.where(bad & (state.first_nonfinite_step < 0), state.step,
                                      state.first_nonfinite_step))
@@ -107,21 +131,26 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, config):
   return new_state, metrics
 
 
-def _one_row(batch: dict) -> dict:
-  return jax.tree.map(lambda x: jnp.zeros((1, *x.shape[1:]), x.dtype), batch)
+def _init_state(model, optimizer, config, example_batch: dict) -> TrainState:
+  return init_state(model, optimizer, _rows(example_batch, 1), config.seed,
+                    config.batch_size if config.memory_length else 0)
 
 
 def abstract_state(model, optimizer, config, example_batch: dict, mesh):
   """(abstract unboxed state carrying shardings, state shardings), allocating nothing."""
-  example = _one_row(example_batch)
-  boxed = jax.eval_shape(lambda: init_state(model, optimizer, example, config.seed))
-  return context.abstract_tree(boxed, mesh)
+  boxed = jax.eval_shape(lambda: _init_state(model, optimizer, config, example_batch))
+  abstract, shardings = context.abstract_tree(boxed, mesh)
+  # A memory's rows are the batch's: split over the devices as the batch is.
+  memory_shardings = jax.tree.map(lambda _: sharding.batch_sharding(mesh), shardings.memory)
+  abstract = abstract.replace(memory=jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract.memory,
+      memory_shardings))
+  return abstract, shardings.replace(memory=memory_shardings)
 
 
 def create_state(model, optimizer, config, example_batch: dict, shardings) -> TrainState:
   """A fresh state, initialised directly into its shardings (never whole on one device)."""
-  example = _one_row(example_batch)
-  make = lambda: nn.unbox(init_state(model, optimizer, example, config.seed))
+  make = lambda: nn.unbox(_init_state(model, optimizer, config, example_batch))
   return jax.jit(make, out_shardings=shardings)()
 
 
@@ -235,7 +264,7 @@ def _train_loop(exp, state, start_step, train_iter, shardings, ckpt, writer):
   step_fn = jit_train_step(exp.model, exp.optimizer, config, exp.mesh, shardings)
   eval_fn = evaluate.jit_eval_step(exp.model, config, exp.mesh, shardings.params)
   throughput = _Throughput(config, exp.tokenizer.vocab_size)
-  pending, last_eval = [], {}
+  pending, last_eval, step_memory = [], {}, {}
   with distributed.PreemptionNotice(config.log_every_steps) as preempted:
     for step in range(start_step, config.num_train_steps):
       local_batch = next(train_iter)
@@ -246,6 +275,8 @@ def _train_loop(exp, state, start_step, train_iter, shardings, ckpt, writer):
         jax.block_until_ready(state)
         logging.info('First step (compilation included) took %.1f s.',
                      time.perf_counter() - throughput.start)
+        planned_mib = perf.planned_memory_mib(step_fn, state, batch)
+        step_memory = {} if planned_mib is None else {'step_memory_mib': planned_mib}
         throughput.reset()
       else:
         throughput.add(local_batch)
@@ -257,6 +288,8 @@ def _train_loop(exp, state, start_step, train_iter, shardings, ckpt, writer):
         if throughput.steps:
           summary.update(throughput.summary())
         summary['nonfinite_steps'] = _check_finite(state, config)
+        summary.update(step_memory)  # once: the first record of the run
+        step_memory = {}
         writer.write(done, summary)
         log_progress(done, config.num_train_steps, summary)
         pending = []

@@ -14,6 +14,7 @@ its shard, and memory does not grow with the corpus.
 
 import dataclasses
 import functools
+import math
 from typing import Callable, Sequence
 
 import grain
@@ -278,13 +279,25 @@ def make_train_iterator(config, tokenizer: Tokenizer, *, process_index: int = 0,
 
   Each process reads a disjoint shard of the train split; the order depends only on
   config.shuffle_buffer_seed (reshuffled every epoch); get_state()/set_state() resume exactly.
+  With a Transformer-XL memory (config.memory_length) nothing is shuffled: the rows of the
+  global batch are config.batch_size continuous streams through the text (prepared.Streams).
   """
   objective = get_objective(config, tokenizer)
   batch_size = _per_process(config.batch_size, process_count, 'batch_size')
   examples = split_examples(config, tokenizer, objective, 'train', True)
-  usable = len(examples) - len(examples) % process_count  # Equal shards: lockstep epochs.
-  ds = grain.MapDataset.source(examples)[process_index:usable:process_count]
-  ds = ds.shuffle(seed=config.shuffle_buffer_seed).repeat()  # The shuffle reseeds each epoch.
+  if config.memory_length:
+    streams = prepared.Streams(examples, config.batch_size, process_index * batch_size,
+                               batch_size)
+    if not len(streams):  # pylint: disable=g-explicit-length-test
+      raise errors.ConfigError(
+          f'{config.dataset} train: {len(examples)} windows of block_size={config.block_size} '
+          f'tokens cannot make batch_size={config.batch_size} streams (memory_length); lower '
+          'either.')
+    ds = grain.MapDataset.source(streams).repeat()
+  else:
+    usable = len(examples) - len(examples) % process_count  # Equal shards: lockstep epochs.
+    ds = grain.MapDataset.source(examples)[process_index:usable:process_count]
+    ds = ds.shuffle(seed=config.shuffle_buffer_seed).repeat()  # The shuffle reseeds each epoch.
   if objective.random:  # The rng depends on the position in the stream: fresh masks each epoch.
     ds = ds.random_map(objective.features, seed=_process_seed(config, process_index))
   else:
@@ -322,6 +335,8 @@ def make_eval_batches(config, tokenizer: Tokenizer, split: str = 'validation', *
   Global batch b holds examples [b*G, (b+1)*G) (G = config.eval_batch_size); process p gets rows
   [p*G/P, (p+1)*G/P) of it, so concatenating the processes' batches restores the order. Too-long
   examples are truncated; missing rows at the end are padding with weights 0.
+  With a Transformer-XL memory (config.memory_length) the rows are instead G continuous streams
+  of ceil(N / G) examples each: global batch t, row r holds example r * ceil(N / G) + t.
   """
   objective = get_objective(config, tokenizer)
   batch_size = _per_process(config.eval_batch_size, process_count, 'eval_batch_size')
@@ -334,9 +349,16 @@ def make_eval_batches(config, tokenizer: Tokenizer, split: str = 'validation', *
 
   keys = list(row(0))
   global_batch = batch_size * process_count
+  count = len(examples)
+  if config.memory_length:
+    per_stream = math.ceil(count / global_batch)
+    order = [range(t, per_stream * global_batch, per_stream) for t in range(per_stream)]
+  else:
+    order = [range(start, start + global_batch) for start in range(0, count, global_batch)]
   batches = []
-  for start in range(0, len(examples), global_batch):
-    first = start + process_index * batch_size
-    rows = [row(i) for i in range(first, min(first + batch_size, len(examples)))]
+  for indices in order:
+    mine = indices[process_index * batch_size:(process_index + 1) * batch_size]
+    # Examples past the end fall at the end of a batch (and of each process's rows).
+    rows = [row(i) for i in mine if i < count]
     batches.append(_collate(rows, objective.lengths, batch_size, keys))
   return batches

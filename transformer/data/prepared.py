@@ -296,3 +296,23 @@ class Windows:
     start = index * self.size
     return self.examples.parts[0][0].read(start, start + self.size + 1).astype(np.int32)
 
+
+
+class Streams:
+  """Windows as continuous streams, for a Transformer-XL memory: the windows cut into
+  num_streams runs of equal length, one after another (the remainder dropped); item
+  t * count + r is window t of stream first + r. Batched by count, row r of each batch continues
+  row r of the batch before."""
+
+  def __init__(self, windows: Windows, num_streams: int, first: int, count: int):
+    self.windows, self.first, self.count = windows, first, count
+    self.per_stream = len(windows) // num_streams
+
+  def __len__(self) -> int:
+    return self.per_stream * self.count
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    if not 0 <= index < len(self):
+      raise IndexError(index)
+    step, row = divmod(index, self.count)
+    return self.windows[(self.first + row) * self.per_stream + step]

@@ -150,7 +150,7 @@ def _save_params(config, workdir: str, params: dict, vocab_size: int):
                            opt_state=optimizer.init(params),
                            rng=jax.random.key_data(jax.random.key(config.seed)),
                            nonfinite_steps=jnp.zeros((), jnp.int32),
-                           first_nonfinite_step=jnp.full((), -1, jnp.int32))
+                           first_nonfinite_step=jnp.full((), -1, jnp.int32), memory={})
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
     json.dump(config.to_dict(), f, indent=2)
