@@ -8,6 +8,7 @@
 - A train state holding NaN is never written.
 """
 
+import dataclasses
 import glob
 import json
 import logging
@@ -177,6 +178,24 @@ def test_state_with_nan_is_never_written(reference, tmp_path):
   ckpt.wait()
   ckpt.close()
   assert rh.committed_steps(str(tmp_path / 'run')) == []
+
+
+def test_a_checkpoint_saved_before_the_memory_field_still_restores(reference, tmp_path):
+  """Train states saved before TrainState.memory (Transformer-XL) existed lack that field: a run
+  without a memory restores them, parameters and all."""
+  config = config_for()
+  state = rh.restore_state(reference, config, 2)
+  before = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+            if f.name != 'memory'}
+  workdir = str(tmp_path / 'run')
+  ckpt = checkpoint.Checkpointer(workdir, config, data.get_tokenizer(config).vocab_size)
+  ckpt.save(2, before, data_iterator=None)
+  ckpt.wait()
+  ckpt.close()
+  restored = rh.restore_state(workdir, config, 2)
+  assert restored.memory == {}
+  rh.assert_trees_equal(restored.params, state.params)
+  rh.assert_trees_equal(restored.opt_state, state.opt_state)
 
 
 def test_best_step_survives_a_restart(reference):

@@ -254,10 +254,27 @@ class Checkpointer:
       with ocp.PyTreeCheckpointer() as reader:
         return reader.restore(epath.Path(self.directory) / str(step) / 'state',
                               args=args), saved_config
-    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    target = self._saved_fields(step, abstract_state)
+    items = dict(state=ocp.args.StandardRestore(target))
     if data_iterator is not None and saved_config.get('has_data_state', True):
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-    return self.manager.restore(step, args=ocp.args.Composite(**items))['state'], saved_config
+    state = self.manager.restore(step, args=ocp.args.Composite(**items))['state']
+    if target is not abstract_state:
+      state = abstract_state.replace(**state)
+    return state, saved_config
+
+  def _saved_fields(self, step: int, abstract_state):
+    """abstract_state, or, for a checkpoint saved before a train-state field that holds no
+    arrays in this run (TrainState.memory without a Transformer-XL memory), a dict of the fields
+    it has: it then restores with that field empty."""
+    with ocp.StandardCheckpointer() as reader:
+      saved = set(reader.metadata(epath.Path(self.directory) / str(step) / 'state')
+                  .item_metadata.keys())
+    fields = [f.name for f in dataclasses.fields(abstract_state)]
+    missing = [f for f in fields if f not in saved]
+    if not missing or any(jax.tree.leaves(getattr(abstract_state, f)) for f in missing):
+      return abstract_state  # (a field with arrays missing fails to restore, with a message)
+    return {f: getattr(abstract_state, f) for f in fields if f in saved}
 
   @staticmethod
   def _distrust(state, saved_config: dict) -> str | None:
