@@ -302,7 +302,8 @@ class Streams:
   """Windows as continuous streams, for a Transformer-XL memory: the windows cut into
   num_streams runs of equal length, one after another (the remainder dropped); item
   t * count + r is window t of stream first + r. Batched by count, row r of each batch continues
-  row r of the batch before."""
+  row r of the batch before. Repeated, each epoch starts the streams over: once an epoch, a
+  row's memory carries the end of its stream into the start."""
 
   def __init__(self, windows: Windows, num_streams: int, first: int, count: int):
     self.windows, self.first, self.count = windows, first, count
