@@ -75,7 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
   # evaluation; needs relative positions (rotary | relative_bias | alibi) and full attention.
   c.logits_bias = False  # A learned bias on the output logits (Marian's final_logits_bias).
   c.output_rsqrt_scale = False  # Hidden states x d_model^-0.5 before the output projection (T5).
-  c.dtype = 'float32'  # Compute dtype: float32 | bfloat16. Parameters stay float32.
+  c.dtype = 'auto'  # Matrix products' input dtype: float32 | bfloat16 (float32 sums; everything
+  # else, parameters included, float32) | auto: bfloat16 where its matmuls measure 1.5x float32's
+  # (transformer/precision.py).
   c.attention_impl = 'xla'  # xla: attention as explicit einsums (weights for plots) | cudnn:
   # jax.nn.dot_product_attention's cuDNN kernel (GPU) | auto: the best kernel the backend has.
   # cudnn and auto apply no attention dropout (attention_dropout_rate must be 0).
@@ -186,7 +188,8 @@ TINY = dict(d_model=32, num_heads=2, num_layers=2, num_decoder_layers=2, d_ff=64
             vocab_size=500, max_source_len=24, max_target_len=24, block_size=32, batch_size=16,
             eval_batch_size=32, num_train_steps=40, warmup_steps=10, log_every_steps=10,
             eval_every_steps=40, checkpoint_every_steps=20, max_eval_batches=2,
-            bleu_max_sentences=16, decode_max_len=24, mlm_max_predictions=5)
+            bleu_max_sentences=16, decode_max_len=24, mlm_max_predictions=5,
+            dtype='float32')  # the same numbers on every machine
 # The paper's base model.
 BASE = dict(d_model=512, num_heads=8, num_layers=6, num_decoder_layers=6, d_ff=2048,
             dropout_rate=0.1, warmup_steps=4000, num_train_steps=100_000)

@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from transformer import data, distributed, perf, sharding, train
+from transformer import data, distributed, perf, precision, sharding, train
 
 config_flags.DEFINE_config_file('config', None, 'A configs/VARIANT.py:SIZE file.',
                                 lock_config=True)
@@ -73,9 +73,10 @@ def main(argv):
   tokens = np.mean([sum(np.count_nonzero(b[k]) for k in ('inputs', 'decoder_inputs') if k in b)
                     for b in timed_local])
   flops = np.mean([perf.train_step_flops(config, vocab, b) for b in timed_local])
-  peaks = {name: perf.measure_matmul_peak(dtype=jnp.dtype(name))
+  peaks = {name: precision.measure_matmul_peak(dtype=jnp.dtype(name))
            for name in ('float32', 'bfloat16')}
-  peak = peaks[jnp.dtype(config.dtype).name]  # MFU against the peak of the dtype that ran
+  dtype = precision.compute_dtype(config.dtype).name
+  peak = peaks[dtype]  # MFU against the peak of the dtype that ran
   params = sum(x.size for x in jax.tree.leaves(state.params))
   result = dict(config=f'{config.variant}:{config.size}', params=int(params),
                 devices=jax.device_count(), platform=jax.devices()[0].platform,
@@ -83,7 +84,7 @@ def main(argv):
                 compile_s=round(compile_s, 2), step_ms=round(1000 * step_s, 2),
                 tokens_per_s=round(float(tokens) / step_s, 1),
                 model_gflops_per_s=round(flops / step_s / 1e9, 2),
-                dtype=jnp.dtype(config.dtype).name,
+                dtype=dtype,
                 peak_gflops={name: round(p / 1e9, 2) for name, p in peaks.items()},
                 mfu=round(flops / step_s / peak, 4),
                 peak_memory_mb=round(peak_memory_bytes() / 2 ** 20, 1))

@@ -15,12 +15,11 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from transformer import decode, objectives, perf, variants
+from transformer import decode, objectives, precision, variants
 
 config_flags.DEFINE_config_file('config', None, 'A configs/gpt_causal.py:SIZE file.',
                                 lock_config=False)
@@ -79,7 +78,7 @@ def main(argv):
   counts = ([int(k) for k in f.kv_heads] if f.kv_heads else
             sorted({heads // 2 ** i for i in range(heads.bit_length()) if heads % 2 ** i == 0},
                    reverse=True))
-  peak = perf.measure_matmul_peak()
+  peak = precision.measure_matmul_peak()
   print(f'{config.variant}:{config.size} d_model={config.d_model} heads={heads} '
         f'layers={config.num_layers} on {jax.devices()[0].device_kind} (float32 matmul peak '
         f'{peak / 1e9:.0f} GFLOP/s): batch {f.batch}, context {f.context}, {f.new_tokens} new '

@@ -25,7 +25,8 @@ from etils import epath
 from matplotlib.figure import Figure
 from ml_collections import config_flags
 
-from transformer import attention_kinds, distributed, optim, perf, sharding, train, variants
+from transformer import (attention_kinds, distributed, optim, perf, precision, sharding, train,
+                         variants)
 
 VOCAB = 256
 
@@ -101,7 +102,7 @@ def main(argv):
       print(f'{kind:>8} L={length:>5} batch {row["batch"]:>3}: {row["step_ms"]:9.1f} ms/step, '
             f'{row["tokens_per_s"]:9.0f} tokens/s, {row["temp_mib"]:8.1f} MiB temporary',
             flush=True)
-  peak = perf.measure_matmul_peak()
+  peak = precision.measure_matmul_peak()
   out = epath.Path(flags.FLAGS.out)
   out.mkdir(parents=True, exist_ok=True)
   kinds = set(flags.FLAGS.kinds)

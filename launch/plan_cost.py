@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
-from transformer import distributed, optim, perf, sharding, train, variants
+from transformer import distributed, optim, perf, precision, sharding, train, variants
 from transformer.data import pipelines
 
 # name: (chips, dense bfloat16 peak FLOP/s per chip, from the vendor's data sheet).
@@ -101,10 +101,11 @@ def main(argv):
           + cost)
   if flags.FLAGS.measure_steps:
     distributed.initialize(config.num_cpu_devices, config.keep_host_memory)
-    peak = perf.measure_matmul_peak(dtype=np.dtype(config.dtype))
+    dtype = precision.compute_dtype(config.dtype)
+    peak = precision.measure_matmul_peak(dtype=dtype)
     compile_s, step_s = time_steps(config, batch, flags.FLAGS.measure_steps)
     device = jax.devices()[0]
-    print(f'\nthis machine ({jax.device_count()} x {device.device_kind}, {config.dtype} matmul '
+    print(f'\nthis machine ({jax.device_count()} x {device.device_kind}, {dtype.name} matmul '
           f'peak {peak / 1e9:,.0f} GFLOP/s measured): compile {compile_s:.0f} s, '
           f'{step_s:.1f} s/step = {step_flops / step_s / peak:.1%} MFU; the recipe would take '
           f'{step_s * config.num_train_steps / 86400:,.0f} days here.')

@@ -35,9 +35,17 @@ from transformer.interop.rules import UnsupportedConfigError
 WORDS = ('a man woman dog runs walks over the field with red ball green tree sits on bench child '
          'plays in water big small house street car blue two three people look at sky').split()
 CONFIGS = {'original': original, 'bert_mlm': bert_mlm, 'gpt_causal': gpt_causal}
+
 TOLERANCE = 1e-4  # float32; the measured differences are about 1e-6
 # The project's special ids 0..6, written out (transformer/data/tokenizer.py).
 SPECIAL_NAMES = ('pad', 'unk', 'bos', 'eos', 'mask', 'cls', 'sep')
+
+
+def small_float32(variant):
+  """The base config of an import, computing in float32 as the references do."""
+  config = CONFIGS[variant].get_config('small')
+  config.dtype = 'float32'
+  return config
 
 
 def _tokenizer(tokens: list[str], **special_tokens):
@@ -134,7 +142,7 @@ class Converted:
     tokenizer.save_pretrained(self.hf_dir)
     self.hf_config = self.reference.config
     huggingface.import_folder(self.hf_dir, self.workdir,
-                              lambda variant: CONFIGS[variant].get_config('small'))
+                              small_float32)
     self.config = workdir_config.get_config(self.workdir)  # as launch.main would read it
     self.vocab = huggingface.workdir_vocab(self.config)
     self.params = huggingface.restore_params(self.config, self.workdir, self.vocab.size)
@@ -318,7 +326,7 @@ def test_unsupported_reference_config_is_refused_naming_the_field(tmp_path, fiel
   config_path.write_text(json.dumps(hf_config))
   with pytest.raises(UnsupportedConfigError, match=field):
     huggingface.import_folder(str(hf_dir), str(tmp_path / 'w'),
-                              lambda variant: CONFIGS[variant].get_config('small'))
+                              small_float32)
   assert not (tmp_path / 'w').exists()
 
 

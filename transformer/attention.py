@@ -11,15 +11,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer import attention_kinds, masks, norms, positions
+from transformer import attention_kinds, masks, norms, positions, precision
 
 Array = jnp.ndarray
 xavier = nn.initializers.xavier_uniform()
 
 
 def dense(features: int, axes: tuple[str, str], dtype: Any, name: str, use_bias: bool = True):
-  """A Xavier-initialised Dense layer whose kernel carries logical axis names for sharding."""
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, use_bias=use_bias, name=name,
+  """A Xavier-initialised Dense layer whose kernel carries logical axis names for sharding; its
+  product in the compute dtype `dtype` (precision.py), its input and output float32."""
+  return nn.Dense(features, dtype=jnp.float32, param_dtype=jnp.float32, use_bias=use_bias,
+                  name=name, dot_general=precision.dense_product(dtype),
                   kernel_init=nn.with_logical_partitioning(xavier, axes),
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
 
@@ -67,7 +69,7 @@ class MultiHeadAttention(nn.Module):
   """
   num_heads: int
   dropout_rate: float = 0.0
-  dtype: Any = jnp.float32
+  dtype: Any = jnp.float32  # The products' input dtype (precision.py); activations are float32.
   use_bias: bool = False  # Biases on the four projections (BERT, GPT-2, Marian have them).
   num_kv_heads: Optional[int] = None  # None: num_heads (multi-head attention).
   scale_logits: bool = True  # False: no 1/sqrt(E) (T5 folds it into the initialisation).
@@ -85,6 +87,11 @@ class MultiHeadAttention(nn.Module):
   impl: str = 'xla'  # An IMPLS name: how softmax(Q K^T) V is computed.
   ring_cache_size: Optional[int] = None  # Decoding: a ring-buffer cache of this many slots.
   num_global_tokens: int = 0  # Local attention: the first this many tokens are global.
+
+  @property
+  def product_dtype(self):
+    """The input dtype of the score and value products (precision.attention_product_dtype)."""
+    return precision.attention_product_dtype(self.dtype)
 
   @nn.compact
   def __call__(self, x_BxQxD: Array, kv_BxKxD: Array, mask_Bx1xQxK: Optional[Array], *,
@@ -116,7 +123,7 @@ class MultiHeadAttention(nn.Module):
     k_BxKxGxE = q_BxQxHxE if self.lsh_buckets else project(kv_BxKxD, num_kv_heads, 'key')
     v_BxKxGxE = project(kv_BxKxD, num_kv_heads, 'value')
     if self.qk_norm:
-      norm = lambda name: norms.make_norm(self.qk_norm, self.norm_epsilon, self.dtype, name,
+      norm = lambda name: norms.make_norm(self.qk_norm, self.norm_epsilon, name,
                                           axis_name=None)
       q_BxQxHxE, k_BxKxGxE = norm('query_norm')(q_BxQxHxE), norm('key_norm')(k_BxKxGxE)
     if self.rope_theta:  # Self-attention: the new keys are the queries' tokens (cached rotated),
@@ -266,8 +273,8 @@ class MultiHeadAttention(nn.Module):
     for name, x_BxKxGxE in (('key_length_projection', k_BxKxGxE),
                             ('value_length_projection', v_BxKxGxE)):
       e_RxM = self.param(name, init, (self.low_rank_dim, self.max_len), jnp.float32)
-      projected.append(jnp.einsum('rk,bkge->brge', e_RxM[:, :length].astype(self.dtype),
-                                  x_BxKxGxE * keep_BxKx1x1))
+      projected.append(precision.einsum('rk,bkge->brge', e_RxM[:, :length],
+                                        x_BxKxGxE * keep_BxKx1x1, self.product_dtype))
     return tuple(projected)
 
   def _attend(self, q_BxQxHxE, k_BxKxGxE, v_BxKxGxE, mask_Bx1xQxK, logit_bias_BxHxQxK,
@@ -278,14 +285,16 @@ class MultiHeadAttention(nn.Module):
     if self.impl != 'xla' and not self.is_mutable_collection('intermediates'):
       if self.dropout_rate and not deterministic:
         raise ValueError(f'attention_impl={self.impl} has no attention dropout; use xla.')
+      narrow = lambda x: None if x is None else x.astype(self.dtype)  # the kernel's input dtype
       out_BxQxHxE = jax.nn.dot_product_attention(
-          q_BxQxHxE, k_BxKxGxE, v_BxKxGxE, bias=logit_bias_BxHxQxK, mask=mask_Bx1xQxK,
+          narrow(q_BxQxHxE), narrow(k_BxKxGxE), narrow(v_BxKxGxE),
+          bias=narrow(logit_bias_BxHxQxK), mask=mask_Bx1xQxK,
           scale=None if self.scale_logits else 1.0,
           implementation='cudnn' if self.impl == 'cudnn' else None)
-      return out_BxQxHxE, None
+      return out_BxQxHxE.astype(jnp.float32), None
     weights_BxHxQxK = jax.nn.softmax(
         self._logits(q_BxQxHxE, k_BxKxGxE, mask_Bx1xQxK, logit_bias_BxHxQxK),
-        axis=-1).astype(self.dtype)
+        axis=-1)
     return self._mix(weights_BxHxQxK, v_BxKxGxE, deterministic), weights_BxHxQxK
 
   def _attend_part(self, q_BxQxHxE, k_BxKxGxE, v_BxKxGxE, mask_Bx1xQxK, logit_bias_BxHxQxK,
@@ -294,7 +303,7 @@ class MultiHeadAttention(nn.Module):
     lsh pass's rounds): (output, logsumexp of the logits [B, H, Q]), which
     attention_kinds.combine_by_logsumexp combines."""
     logits_BxHxQxK = self._logits(q_BxQxHxE, k_BxKxGxE, mask_Bx1xQxK, logit_bias_BxHxQxK)
-    weights_BxHxQxK = jax.nn.softmax(logits_BxHxQxK, axis=-1).astype(self.dtype)
+    weights_BxHxQxK = jax.nn.softmax(logits_BxHxQxK, axis=-1)
     return (self._mix(weights_BxHxQxK, v_BxKxGxE, deterministic),
             jax.nn.logsumexp(logits_BxHxQxK, axis=-1))
 
@@ -305,13 +314,15 @@ class MultiHeadAttention(nn.Module):
     num_k, num_kv_heads = k_BxKxGxE.shape[1], k_BxKxGxE.shape[2]
     groups = num_heads // num_kv_heads
     if groups == 1:
-      logits_BxHxQxK = jnp.einsum('bqhe,bkhe->bhqk', q_BxQxHxE, k_BxKxGxE)
+      logits_BxHxQxK = precision.einsum('bqhe,bkhe->bhqk', q_BxQxHxE, k_BxKxGxE,
+                                        self.product_dtype)
     else:  # query head h = g * groups + r reads key/value head g
       q_BxQxGxRxE = q_BxQxHxE.reshape(batch, num_q, num_kv_heads, groups, head_dim)
-      logits_BxHxQxK = jnp.einsum('bqgre,bkge->bgrqk', q_BxQxGxRxE, k_BxKxGxE).reshape(
+      logits_BxHxQxK = precision.einsum('bqgre,bkge->bgrqk', q_BxQxGxRxE, k_BxKxGxE,
+                                        self.product_dtype).reshape(
           batch, num_heads, num_q, num_k)
     if self.scale_logits:
-      logits_BxHxQxK = logits_BxHxQxK / jnp.sqrt(jnp.asarray(head_dim, self.dtype))
+      logits_BxHxQxK = logits_BxHxQxK / jnp.sqrt(jnp.asarray(head_dim, jnp.float32))
     logits_BxHxQxK = logits_BxHxQxK.astype(jnp.float32)
     if logit_bias_BxHxQxK is not None:
       logits_BxHxQxK = logits_BxHxQxK + logit_bias_BxHxQxK
@@ -328,9 +339,11 @@ class MultiHeadAttention(nn.Module):
     groups = num_heads // num_kv_heads
     dropped_BxHxQxK = nn.Dropout(self.dropout_rate)(weights_BxHxQxK, deterministic=deterministic)
     if groups == 1:
-      return jnp.einsum('bhqk,bkhe->bqhe', dropped_BxHxQxK, v_BxKxGxE)
+      return precision.einsum('bhqk,bkhe->bqhe', dropped_BxHxQxK, v_BxKxGxE,
+                              self.product_dtype)
     dropped_BxGxRxQxK = dropped_BxHxQxK.reshape(batch, num_kv_heads, groups, num_q, num_k)
-    return jnp.einsum('bgrqk,bkge->bqgre', dropped_BxGxRxQxK, v_BxKxGxE).reshape(
+    return precision.einsum('bgrqk,bkge->bqgre', dropped_BxGxRxQxK, v_BxKxGxE,
+                            self.product_dtype).reshape(
         batch, num_q, num_heads, head_dim)
 
   def _update_cache(self, k_BxQxHxE, v_BxQxHxE, cache_slot, cache_index):

@@ -13,8 +13,8 @@ import math
 
 import jax
 
-from transformer import (attention, attention_kinds, errors, norms, optim, positions, sharding,
-                         variants)
+from transformer import (attention, attention_kinds, errors, norms, optim, positions, precision,
+                         sharding, variants)
 from transformer.data import pipelines, tokenizer
 from transformer.layers import ACTIVATIONS, FFN_KINDS, REMAT_POLICIES
 
@@ -33,7 +33,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
               sinusoidal_layout=positions.SINUSOIDAL_LAYOUTS, activation=tuple(ACTIVATIONS),
               tokenizer=tokenizer.TOKENIZERS, norm=norms.KINDS, ffn=FFN_KINDS,
               attention_kind=attention_kinds.KINDS, attention_impl=attention.IMPLS,
-              remat=tuple(REMAT_POLICIES))
+              remat=tuple(REMAT_POLICIES), dtype=precision.DTYPES)
 
 
 def _problems(config) -> list[str]:

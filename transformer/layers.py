@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from transformer import attention_kinds, norms, positions
+from transformer import attention_kinds, norms, positions, precision
 from transformer.attention import MultiHeadAttention, dense
 
 Array = jnp.ndarray
@@ -68,7 +68,7 @@ class ModelConfig:
   @classmethod
   def from_config(cls, config, vocab_size: int) -> 'ModelConfig':
     fields = {f.name for f in dataclasses.fields(cls)} - {'vocab_size', 'dtype'}
-    return cls(vocab_size=vocab_size, dtype=jnp.dtype(config.dtype),
+    return cls(vocab_size=vocab_size, dtype=precision.compute_dtype(config.dtype),
                **{name: config[name] for name in fields})
 
 
@@ -102,7 +102,7 @@ def memory_positions(positions_BxL: Array, memory_length: int) -> Array:
 
 def norm(name: str, cfg: ModelConfig) -> nn.Module:
   """The config's norm (LayerNorm or RMSNorm) over the model width."""
-  return norms.make_norm(cfg.norm, cfg.norm_epsilon, cfg.dtype, name)
+  return norms.make_norm(cfg.norm, cfg.norm_epsilon, name)
 
 
 class Embedder(nn.Module):
@@ -122,7 +122,7 @@ class Embedder(nn.Module):
     width, axis = (cfg.embedding_dim, None) if cfg.embedding_dim else (cfg.d_model, 'embed')
     init = nn.initializers.normal(stddev=width ** -0.5)  # Unit variance after the scale.
     table = lambda size, name_init, axes: nn.Embed(
-        size, width, dtype=cfg.dtype, param_dtype=jnp.float32,
+        size, width, dtype=jnp.float32, param_dtype=jnp.float32,
         embedding_init=nn.with_logical_partitioning(name_init, axes))
     self.tokens = table(cfg.vocab_size, init, ('vocab', axis))
     if cfg.positional == 'learned':
@@ -133,7 +133,7 @@ class Embedder(nn.Module):
     if cfg.num_token_types:
       self.token_types = table(cfg.num_token_types, nn.initializers.normal(0.02), (None, axis))
     if cfg.embedding_norm:
-      self.norm = norms.make_norm(cfg.norm, cfg.norm_epsilon, cfg.dtype, 'norm', axis_name=axis)
+      self.norm = norms.make_norm(cfg.norm, cfg.norm_epsilon, 'norm', axis_name=axis)
     self.dropout = nn.Dropout(cfg.dropout_rate)
     if cfg.embedding_dim:
       self.project = dense(cfg.d_model, (None, 'embed'), cfg.dtype, 'project')
@@ -144,12 +144,12 @@ class Embedder(nn.Module):
     x_BxLxW = self.tokens(ids_BxL)
     width = x_BxLxW.shape[-1]
     if cfg.scale_embeddings:
-      x_BxLxW = x_BxLxW * jnp.sqrt(jnp.asarray(width, cfg.dtype))
+      x_BxLxW = x_BxLxW * jnp.sqrt(jnp.asarray(width, jnp.float32))
     if cfg.positional == 'learned':
       x_BxLxW = x_BxLxW + self.positions(positions_BxL)
     elif cfg.positional == 'sinusoidal':
       x_BxLxW = x_BxLxW + positions.sinusoidal_encoding(positions_BxL, width,
-                                                        cfg.sinusoidal_layout).astype(cfg.dtype)
+                                                        cfg.sinusoidal_layout)
     if cfg.num_token_types:
       types_BxL = jnp.zeros_like(ids_BxL) if token_types_BxL is None else token_types_BxL
       x_BxLxW = x_BxLxW + self.token_types(types_BxL)
@@ -159,7 +159,7 @@ class Embedder(nn.Module):
     return self.project(x_BxLxW) if cfg.embedding_dim else x_BxLxW
 
   def attend(self, x_BxLxW: Array) -> Array:
-    return self.tokens.attend(x_BxLxW)
+    return precision.einsum('blw,vw->blv', x_BxLxW, self.tokens.embedding, self.cfg.dtype)
 
 
 # config.activation -> function. gelu is the exact erf form; gelu_tanh its tanh approximation

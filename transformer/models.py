@@ -152,7 +152,7 @@ class MlmHead(nn.Module):
     act = activation_fn(cfg.activation)
     width, axis = (cfg.embedding_dim, None) if cfg.embedding_dim else (cfg.d_model, 'mlp')
     h_BxLxD = act(dense(width, ('embed', axis), cfg.dtype, 'transform')(x_BxLxD))
-    h_BxLxD = (norms.make_norm(cfg.norm, cfg.norm_epsilon, cfg.dtype, 'transform_norm', None)
+    h_BxLxD = (norms.make_norm(cfg.norm, cfg.norm_epsilon, 'transform_norm', None)
                if cfg.embedding_dim else norm('transform_norm', cfg))(h_BxLxD)
     bias_V = _vocab_bias(self, self.cfg.vocab_size)
     return embedder.attend(h_BxLxD).astype(jnp.float32) + bias_V[None, None, :]

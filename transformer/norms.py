@@ -8,16 +8,17 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 
-def make_norm(kind: str, epsilon: float, dtype, name: str, axis_name: str | None = 'embed'):
-  """A norm over the last axis, its parameters float32 and named `axis_name` for sharding."""
+def make_norm(kind: str, epsilon: float, name: str, axis_name: str | None = 'embed'):
+  """A norm over the last axis in float32 (also under mixed precision, precision.py), its
+  parameters named `axis_name` for sharding."""
   ones = nn.with_logical_partitioning(nn.initializers.ones, (axis_name,))
   if kind == 'layernorm':
-    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, name=name,
+    return nn.LayerNorm(epsilon=epsilon, dtype=jnp.float32, param_dtype=jnp.float32, name=name,
                         scale_init=ones,
                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
                                                                (axis_name,)))
   if kind == 'rmsnorm':
-    return nn.RMSNorm(epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, name=name,
+    return nn.RMSNorm(epsilon=epsilon, dtype=jnp.float32, param_dtype=jnp.float32, name=name,
                       scale_init=ones)
   raise ValueError(f'norm must be one of {", ".join(KINDS)}, got {kind!r}')
 

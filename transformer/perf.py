@@ -1,9 +1,4 @@
-"""Analytic FLOPs of a train step and the measured matmul peak of this machine, for MFU."""
-
-import time
-
-import jax
-import jax.numpy as jnp
+"""Analytic FLOPs and planned memory of a train step, for MFU (its peak: precision.py)."""
 
 from transformer import variants
 
@@ -72,35 +67,3 @@ def planned_memory_mib(jitted, *args) -> float | None:
   if analysis is None:
     return None
   return (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes) / 2 ** 20
-
-
-def _matmul_flops_per_s(devices, size: int, dtype, repeats: int) -> float:
-  """FLOP/s of one large jitted matmul per device in `devices`, all at once (best of repeats)."""
-  mesh = jax.sharding.Mesh(devices, ('d',))
-  x = jax.device_put(jax.random.normal(jax.random.key(0), (len(devices), size, size), dtype),
-                     jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('d')))
-  # Low-precision inputs accumulate in float32, as mixed precision runs them (and as XLA:CPU's
-  # fast bfloat16 path needs).
-  matmul = jax.jit(lambda m: jnp.matmul(m, m, preferred_element_type=jnp.float32))
-  matmul(x).block_until_ready()  # compile
-  best = float('inf')
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(x).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2.0 * size ** 3 * len(devices) / best
-
-
-def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
-  """The denominator of MFU: FLOP/s of large jitted matmuls of `dtype` inputs (float32
-  accumulation) on this process's devices; MFU is taken against the peak of the dtype that ran.
-
-  The larger of one matmul on every local device at once and one on the first device alone:
-  fake CPU devices share the same cores, and on them either way can be the faster (one device
-  uses all cores for its matmul), so the peak never depends on how the host was split.
-  """
-  devices = jax.local_devices()
-  together = _matmul_flops_per_s(devices, size, dtype, repeats)
-  if len(devices) == 1 or devices[0].platform != 'cpu':
-    return together
-  return max(together, _matmul_flops_per_s(devices[:1], size, dtype, repeats))

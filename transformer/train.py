@@ -18,7 +18,7 @@ import optax
 from absl import logging
 
 from transformer import (checkpoint, context, data, distributed, errors, evaluate, objectives,
-                         optim, perf, sharding)
+                         optim, perf, precision, sharding)
 from transformer import workdir as workdir_lib
 from transformer.writer import MetricWriter, log_progress
 
@@ -201,7 +201,8 @@ class _Throughput:
 
   def __init__(self, config, vocab_size: int):
     self.config, self.vocab_size = config, vocab_size
-    self.peak_flops = config.peak_flops or perf.measure_matmul_peak(dtype=jnp.dtype(config.dtype))
+    self.peak_flops = config.peak_flops or precision.measure_matmul_peak(
+        dtype=precision.compute_dtype(config.dtype))
     self.reset()
 
   def reset(self):

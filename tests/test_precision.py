@@ -1,0 +1,107 @@
+"""Mixed precision (transformer/precision.py): bfloat16 product inputs, float32 sums, forward and
+backward, against the definition written out in NumPy; dtype=auto's rule."""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from configs import gpt_causal
+from transformer import config_checks, errors, precision, variants
+
+VOCAB = 50
+
+
+def rounded(x):
+  """x rounded to bfloat16 (round to nearest even), in float64."""
+  return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+
+def test_bfloat16_product_and_its_gradients_are_rounded_inputs_summed_in_float32():
+  a = jax.random.normal(jax.random.key(0), (3, 5, 64))
+  b = jax.random.normal(jax.random.key(1), (64, 7))
+  g = jax.random.normal(jax.random.key(2), (3, 5, 7))  # the cotangent of the product
+  out, vjp = jax.vjp(lambda a, b: precision.einsum('bln,nf->blf', a, b, jnp.bfloat16), a, b)
+  da, db = vjp(g)
+  assert out.dtype == da.dtype == db.dtype == jnp.float32
+  # The definition: each product's two inputs rounded to bfloat16, the sums exact (float32's
+  # rounding is far below the tolerance); in the backward pass the cotangent is such an input.
+  np.testing.assert_allclose(out, np.einsum('bln,nf->blf', rounded(a), rounded(b)), rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(da, np.einsum('blf,nf->bln', rounded(g), rounded(b)), rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(db, np.einsum('bln,blf->nf', rounded(a), rounded(g)), rtol=1e-5,
+                             atol=1e-5)
+  # And not float32's products.
+  assert not np.allclose(out, np.einsum('bln,nf->blf', np.float64(a), np.float64(b)), rtol=1e-5,
+                         atol=1e-5)
+
+
+def products(hlo_text):
+  """(operand dtypes, result dtype) of every dot_general in a StableHLO module."""
+  found = re.findall(r'stablehlo\.dot_general .*?: \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)'
+                     r' -> tensor<[^>]*x(\w+)>', hlo_text)
+  return [((lhs, rhs), out) for lhs, rhs, out in found]
+
+
+def test_every_product_of_a_bfloat16_train_step_has_bfloat16_inputs_and_float32_sums():
+  config = gpt_causal.get_config('tiny')
+  config.dtype = 'bfloat16'
+  model = variants.build_model(config, VOCAB)
+  x = jax.random.randint(jax.random.key(0), (2, 8), 4, VOCAB)
+  params = nn.unbox(model.init(jax.random.key(1), x)['params'])
+  grad = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({'params': p}, x) ** 2)))
+  found = products(grad.lower(params).as_text())
+  # One product per dense kernel, and the output layer's product with the tied embedding; each
+  # appears three times, in the forward pass and in the two backward products.
+  kernels = [p for path, p in jax.tree_util.tree_leaves_with_path(params)
+             if path[-1].key == 'kernel']
+  assert config.tie_output  # the output product with the embedding table
+  assert sum(ops == ('bf16', 'bf16') for ops, _ in found) == 3 * (len(kernels) + 1)
+  assert all(out == 'f32' for _, out in found)
+  # Attention's batched products stay float32 on the CPU backend (precision.py says why).
+  assert jax.default_backend() == 'cpu'
+  assert sum(ops == ('f32', 'f32') for ops, _ in found) == 3 * 2 * config.num_layers
+
+
+def test_bfloat16_model_keeps_float32_parameters_and_logits_near_float32s():
+  x = jax.random.randint(jax.random.key(0), (2, 8), 4, VOCAB)
+  config = gpt_causal.get_config('tiny')
+  f32 = variants.build_model(config, VOCAB)
+  config.dtype = 'bfloat16'
+  bf16 = variants.build_model(config, VOCAB)
+  params = nn.unbox(bf16.init(jax.random.key(1), x)['params'])
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  logits_bf16 = jax.jit(bf16.apply)({'params': params}, x)
+  logits_f32 = jax.jit(f32.apply)({'params': params}, x)
+  assert logits_bf16.dtype == jnp.float32
+  np.testing.assert_allclose(logits_bf16, logits_f32, atol=0.1, rtol=0.1)
+  assert not np.allclose(logits_bf16, logits_f32, atol=1e-6)  # it really computed in bf16
+
+
+@pytest.mark.parametrize('bf16_speedup, chosen', [(3.9, jnp.bfloat16), (1.5, jnp.bfloat16),
+                                                   (1.4, jnp.float32), (0.6, jnp.float32)])
+def test_auto_takes_bfloat16_where_its_matmuls_are_enough_faster(monkeypatch, bf16_speedup,
+                                                                   chosen):
+  peaks = {jnp.dtype(jnp.float32): 100e9, jnp.dtype(jnp.bfloat16): bf16_speedup * 100e9}
+  monkeypatch.setattr(precision, 'measure_matmul_peak',
+                      lambda size, dtype, repeats: peaks[jnp.dtype(dtype)])
+  precision.compute_dtype.cache_clear()
+  try:
+    assert precision.compute_dtype('auto') == chosen
+    assert precision.compute_dtype('float32') == jnp.float32  # named dtypes are taken as named
+    assert precision.compute_dtype('bfloat16') == jnp.bfloat16
+  finally:
+    precision.compute_dtype.cache_clear()
+
+
+def test_an_unknown_dtype_is_refused_naming_the_field():
+  config = gpt_causal.get_config('tiny')
+  config.dtype = 'float16'
+  with pytest.raises(errors.UserError, match=r'config\.dtype=.float16. is not one of auto, '
+                                             r'float32, bfloat16'):
+    config_checks.check(config)

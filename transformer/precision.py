@@ -1,0 +1,142 @@
+"""Mixed precision: every matrix product's inputs in the compute dtype, its sums in float32.
+
+config.dtype=bfloat16 casts the two inputs of each product (dense layers, attention's two
+einsums, the output layer) to bfloat16 and asks for a float32 result (preferred_element_type),
+in the backward pass as in the forward. Everything else stays float32: parameters, activations
+between products, softmax, norms, the loss and the optimizer. Accumulating in float32 is how
+TPUs and GPUs run bfloat16, and it is what XLA:CPU's fast bfloat16 path needs: on a CPU with
+AMX or AVX512-BF16 a bfloat16 product with a bfloat16 result runs slower than float32, one
+with a float32 result several times faster.
+
+dtype=float32 leaves every product as plain jnp.einsum. dtype=auto (the configs' default,
+compute_dtype) takes bfloat16 where this machine multiplies bfloat16 matrices at least
+AUTO_MIN_SPEEDUP times faster than float32 ones, measured at start-up, and float32 elsewhere.
+"""
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+Array = jnp.ndarray
+
+
+def einsum(spec: str, a: Array, b: Array, dtype) -> Array:
+  """jnp.einsum(spec, a, b), its inputs in `dtype` and its sums and result float32 when `dtype`
+  is narrower than float32. spec names each axis once per operand, no ellipsis, and every axis
+  of an input appears in the other input or the output (no axis summed within one input)."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return jnp.einsum(spec, a, b)
+  # float32 in: the cotangents come back float32, as the rest of the model is.
+  return _mixed_einsum(spec, jnp.dtype(dtype), a.astype(jnp.float32), b.astype(jnp.float32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _mixed_einsum(spec, dtype, a, b):
+  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _mixed_einsum_forward(spec, dtype, a, b):
+  a_n, b_n = a.astype(dtype), b.astype(dtype)  # kept narrow for the backward pass
+  out = jnp.einsum(spec, a_n, b_n, preferred_element_type=jnp.float32)
+  return out, (a_n, b_n)
+
+
+def _mixed_einsum_backward(spec, dtype, saved, g):
+  # Without this rule JAX's own transposes would multiply the float32 cotangent with a narrow
+  # input: a float32 product, the slow path. Here both backward products are narrow too.
+  a_n, b_n = saved
+  inputs, out = spec.split('->')
+  a_spec, b_spec = inputs.split(',')
+  g_n = g.astype(dtype)
+  da = jnp.einsum(f'{out},{b_spec}->{a_spec}', g_n, b_n, preferred_element_type=jnp.float32)
+  db = jnp.einsum(f'{a_spec},{out}->{b_spec}', a_n, g_n, preferred_element_type=jnp.float32)
+  return da, db
+
+
+_mixed_einsum.defvjp(_mixed_einsum_forward, _mixed_einsum_backward)
+
+
+def attention_product_dtype(dtype):
+  """The dtype of attention's batched products (scores, their sum of values, Linformer's
+  projections): `dtype`, but float32 on the CPU backend, where XLA:CPU has no kernel for some
+  batched bfloat16 products with a float32 result (attention's backward pass fails with
+  "Unsupported element type for DotThunk: BF16 x BF16 = F32"). At the lengths CPUs train,
+  these products are a small share of a step's work."""
+  return jnp.float32 if jax.default_backend() == 'cpu' else dtype
+
+
+def dense_product(dtype):
+  """nn.Dense's dot_general (inputs [..., N] x kernel [N, F]) through einsum in `dtype`; None
+  (flax's own) for float32."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return None
+
+  def product(inputs, kernel, dimension_numbers, precision=None):
+    del dimension_numbers, precision  # always Dense's: the last axis of inputs x the kernel's first
+    batch = 'abcdefgh'[:inputs.ndim - 1]
+    return einsum(f'{batch}n,nf->{batch}f', inputs, kernel, dtype)
+
+  return product
+
+
+def _matmul_flops_per_s(devices, size: int, dtype, repeats: int) -> float:
+  """FLOP/s of one large jitted matmul per device in `devices`, all at once (best of repeats)."""
+  mesh = jax.sharding.Mesh(devices, ('d',))
+  x = jax.device_put(jax.random.normal(jax.random.key(0), (len(devices), size, size), dtype),
+                     jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('d')))
+  # Narrow inputs accumulate in float32, as the model's products do.
+  matmul = jax.jit(lambda m: jnp.matmul(m, m, preferred_element_type=jnp.float32))
+  matmul(x).block_until_ready()  # compile
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * size ** 3 * len(devices) / best
+
+
+def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
+  """The denominator of MFU: FLOP/s of large jitted matmuls of `dtype` inputs (float32
+  accumulation) on this process's devices; MFU is taken against the peak of the dtype that ran.
+
+  The larger of one matmul on every local device at once and one on the first device alone:
+  fake CPU devices share the same cores, and on them either way can be the faster (one device
+  uses all cores for its matmul), so the peak never depends on how the host was split.
+  """
+  devices = jax.local_devices()
+  together = _matmul_flops_per_s(devices, size, dtype, repeats)
+  if len(devices) == 1 or devices[0].platform != 'cpu':
+    return together
+  return max(together, _matmul_flops_per_s(devices[:1], size, dtype, repeats))
+
+
+DTYPES = ('auto', 'float32', 'bfloat16')
+# dtype=auto takes bfloat16 from this measured speed-up of its matmuls over float32's on. Where
+# the hardware has bfloat16 matrix units it is 2-4x (AMX and AVX512-BF16 CPUs, TPUs, GPUs from
+# Ampere on, against TF32); where it has none, bfloat16 is converted and runs slower (< 1x).
+AUTO_MIN_SPEEDUP = 1.5
+
+
+@functools.cache
+def compute_dtype(name: str) -> jnp.dtype:
+  """config.dtype -> the dtype of the products' inputs. 'auto' measures both matmul peaks on
+  this process's devices (a second or two); in a run of several processes, process 0's choice
+  holds for all, so that every process compiles the same program."""
+  if name not in DTYPES:
+    raise ValueError(f'dtype must be one of {", ".join(DTYPES)}, got {name!r}')
+  if name != 'auto':
+    return jnp.dtype(name)
+  speedup = (measure_matmul_peak(1024, jnp.bfloat16, repeats=3)
+             / measure_matmul_peak(1024, jnp.float32, repeats=3))
+  narrow = speedup >= AUTO_MIN_SPEEDUP
+  if jax.process_count() > 1:
+    narrow = bool(multihost_utils.broadcast_one_to_all(np.asarray(narrow)))
+  chosen = jnp.dtype(jnp.bfloat16 if narrow else jnp.float32)
+  logging.info('dtype=auto: %s (bfloat16 matmuls measured %.2fx as fast as float32 here; '
+               'bfloat16 from %.1fx).', chosen.name, speedup, AUTO_MIN_SPEEDUP)
+  return chosen
