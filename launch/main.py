@@ -20,6 +20,7 @@ Ctrl-C in training finishes the step, saves it and exits 130; a second Ctrl-C st
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -49,6 +50,10 @@ flags.DEFINE_bool('force_unlock', False, 'train: take over the lock of the workd
                   'the run it names, e.g. one on another host that is gone.')
 flags.DEFINE_list('allow_config_change', [], 'train, resuming: config fields that may differ from '
                   'the workdir\'s config.json (recorded in config_history.jsonl).')
+flags.DEFINE_string('compilation_cache_dir', '~/.cache/transformer/xla',
+                    'Where compiled programs are kept between runs, so that a command run again '
+                    '(a resumed or repeated run, eval or translate after training) skips most of '
+                    'its compilation; empty: off. JAX_COMPILATION_CACHE_DIR, where set, wins.')
 flags.DEFINE_bool('verbose', False, 'Show the Python traceback of user errors too (bad flags or '
                   'config values, missing files, a busy workdir). Env: TRANSFORMER_TRACEBACK=1.')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -70,6 +75,7 @@ def main(argv):
   config_checks.check(config, f.mode)  # before JAX starts: a mistake costs nothing
   config_checks.check_fields(config, f.allow_config_change, '--allow_config_change')
   distributed.initialize(config.num_cpu_devices, config.keep_host_memory)
+  keep_compiled_programs(f.compilation_cache_dir)
   config_checks.check_mesh(config, f.mode)  # before anything is written
   which = f.checkpoint
   if f.mode not in ('train', 'select'):
@@ -93,6 +99,12 @@ def main(argv):
     inference.run_visualize(config, workdir, f.text, which)
   elif f.mode == 'select':
     selection.run_select(config, workdir)
+
+
+def keep_compiled_programs(directory: str):
+  """JAX's persistent compilation cache in `directory`, unless the environment names one."""
+  if directory and not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(directory))
 
 
 def _tracebacks_wanted(argv) -> bool:
