@@ -20,7 +20,6 @@ Ctrl-C in training finishes the step, saves it and exits 130; a second Ctrl-C st
 import os
 import sys
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -75,7 +74,7 @@ def main(argv):
   config_checks.check(config, f.mode)  # before JAX starts: a mistake costs nothing
   config_checks.check_fields(config, f.allow_config_change, '--allow_config_change')
   distributed.initialize(config.num_cpu_devices, config.keep_host_memory)
-  keep_compiled_programs(f.compilation_cache_dir)
+  distributed.keep_compiled_programs(f.compilation_cache_dir)
   config_checks.check_mesh(config, f.mode)  # before anything is written
   which = f.checkpoint
   if f.mode not in ('train', 'select'):
@@ -99,12 +98,6 @@ def main(argv):
     inference.run_visualize(config, workdir, f.text, which)
   elif f.mode == 'select':
     selection.run_select(config, workdir)
-
-
-def keep_compiled_programs(directory: str):
-  """JAX's persistent compilation cache in `directory`, unless the environment names one."""
-  if directory and not jax.config.jax_compilation_cache_dir:
-    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(directory))
 
 
 def _tracebacks_wanted(argv) -> bool:

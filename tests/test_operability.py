@@ -465,17 +465,16 @@ def test_workdir_files_of_a_gs_workdir_go_through_epath(tmp_path, monkeypatch):
 
 def test_compiled_programs_are_kept_in_the_flags_folder_unless_the_environment_names_one(
     tmp_path):
-  from launch import main
   from_environment = jax.config.jax_compilation_cache_dir  # conftest's JAX_COMPILATION_CACHE_DIR
   assert from_environment
   try:
-    main.keep_compiled_programs(str(tmp_path / 'flag'))
+    distributed.keep_compiled_programs(str(tmp_path / 'flag'))
     assert jax.config.jax_compilation_cache_dir == from_environment
     jax.config.update('jax_compilation_cache_dir', None)  # as without the environment variable
-    main.keep_compiled_programs('~/cache_from_the_flag')
+    distributed.keep_compiled_programs('~/cache_from_the_flag')
     assert jax.config.jax_compilation_cache_dir == os.path.expanduser('~/cache_from_the_flag')
     jax.config.update('jax_compilation_cache_dir', None)
-    main.keep_compiled_programs('')  # off
+    distributed.keep_compiled_programs('')  # off
     assert jax.config.jax_compilation_cache_dir is None
   finally:
     jax.config.update('jax_compilation_cache_dir', from_environment)

@@ -95,6 +95,13 @@ def keep_freed_memory() -> bool:
   return all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 
+def keep_compiled_programs(directory: str):
+  """JAX's persistent compilation cache in `directory` (empty: none), unless the environment
+  names one (JAX_COMPILATION_CACHE_DIR): a command run again then reads its compiled programs."""
+  if directory and not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(directory))
+
+
 def initialize(num_cpu_devices: int = -1, keep_host_memory: bool = False) -> str:
   """Starts the distributed runtime when the environment describes several processes, then
   applies the CPU-only settings if the run computes on the CPU backend; returns that backend.

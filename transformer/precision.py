@@ -37,7 +37,7 @@ def einsum(spec: str, a: Array, b: Array, dtype) -> Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _mixed_einsum(spec, dtype, a, b):
-  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+  return _mixed_einsum_forward(spec, dtype, a, b)[0]
 
 
 def _mixed_einsum_forward(spec, dtype, a, b):
@@ -65,8 +65,8 @@ def attention_product_dtype(dtype):
   """The dtype of attention's batched products (scores, their sum of values, Linformer's
   projections): `dtype`, but float32 on the CPU backend, where XLA:CPU has no kernel for some
   batched bfloat16 products with a float32 result (attention's backward pass fails with
-  "Unsupported element type for DotThunk: BF16 x BF16 = F32"). At the lengths CPUs train,
-  these products are a small share of a step's work."""
+  "Unsupported element type for DotThunk: BF16 x BF16 = F32"). Where attention weighs much
+  (long rows, many heads), a CPU step is then bound by these float32 products."""
   return jnp.float32 if jax.default_backend() == 'cpu' else dtype
 
 
@@ -77,7 +77,7 @@ def dense_product(dtype):
     return None
 
   def product(inputs, kernel, dimension_numbers, precision=None):
-    del dimension_numbers, precision  # always Dense's: the last axis of inputs x the kernel's first
+    del dimension_numbers, precision  # Dense's: inputs' last axis x the kernel's first
     batch = 'abcdefgh'[:inputs.ndim - 1]
     return einsum(f'{batch}n,nf->{batch}f', inputs, kernel, dtype)
 
