@@ -285,7 +285,7 @@ class MultiHeadAttention(nn.Module):
     if self.impl != 'xla' and not self.is_mutable_collection('intermediates'):
       if self.dropout_rate and not deterministic:
         raise ValueError(f'attention_impl={self.impl} has no attention dropout; use xla.')
-      narrow = lambda x: None if x is None else x.astype(self.dtype)  # the kernel's input dtype
+      narrow = lambda x: None if x is None else x.astype(self.product_dtype)  # as the einsums'
       out_BxQxHxE = jax.nn.dot_product_attention(
           narrow(q_BxQxHxE), narrow(k_BxKxGxE), narrow(v_BxKxGxE),
           bias=narrow(logit_bias_BxHxQxK), mask=mask_Bx1xQxK,
