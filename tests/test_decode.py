@@ -6,6 +6,7 @@ import types
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -130,6 +131,45 @@ def test_local_attention_beams_through_the_ring_match_recompute(tiny_models):
   recomputed, scores = decode.beam_search(model, params, SOURCES, cache=False, **settings)
   np.testing.assert_array_equal(cached, recomputed)
   np.testing.assert_allclose(cached_scores, scores, rtol=1e-5)
+
+
+@pytest.mark.parametrize('overrides', [{}, dict(share_layers=True)], ids=['layers', 'shared'])
+def test_encoder_decoder_beams_with_cached_cross_attention_match_recompute(overrides):
+  """Beam search reads the cross-attention's keys and values from the cache (projected once per
+  decode) and reorders the rest of it: beams and scores equal recomputing every prefix; also
+  when one layer serves every depth (share_layers), each depth with its own cache."""
+  model, params = make_model('original', **overrides)
+  settings = dict(max_len=MAX_LEN, beam_size=3, eos_id=EOS)
+  cached, cached_scores = decode.beam_search(model, params, SOURCES, **settings)
+  recomputed, scores = decode.beam_search(model, params, SOURCES, cache=False, **settings)
+  np.testing.assert_array_equal(cached, recomputed)
+  np.testing.assert_allclose(cached_scores, scores, rtol=1e-5)
+
+
+def _dot_operand_shapes(jaxpr, in_loop=False):
+  """(shape, inside a while loop?) of every dot_general operand in `jaxpr` and its sub-jaxprs."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'dot_general':
+      found += [(tuple(v.aval.shape), in_loop) for v in eqn.invars]
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      found += _dot_operand_shapes(sub, in_loop or eqn.primitive.name == 'while')
+  return found
+
+
+@pytest.mark.parametrize('beam_size', [1, 3])
+def test_decoding_steps_do_not_project_the_encoder_output_again(tiny_models, beam_size):
+  """The encoder output [N, S, D] enters products only before the token loop (the cross-attention
+  keys and values, projected once); inside the loop no product reads it."""
+  model, params = tiny_models['original']
+  sources = jnp.ones((2, 11), jnp.int32)  # S = 11: no other dimension of the tiny model
+  jaxpr = jax.make_jaxpr(functools.partial(decode.translate, model, max_len=MAX_LEN,
+                                           beam_size=beam_size, eos_id=EOS))(params, sources)
+  encoded = (2 * beam_size, 11, model.cfg.d_model)
+  found = _dot_operand_shapes(jaxpr.jaxpr)
+  assert (encoded, False) in found  # projected before the loop
+  assert any(in_loop for _, in_loop in found)  # the loop has its products
+  assert (encoded, True) not in found
 
 
 @pytest.mark.parametrize('positional', ['learned', 'sinusoidal'])

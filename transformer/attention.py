@@ -15,6 +15,9 @@ from transformer import attention_kinds, masks, norms, positions, precision
 
 Array = jnp.ndarray
 xavier = nn.initializers.xavier_uniform()
+# Cache entries of a cross-attention's keys and values (fixed_kv): the same for every beam of an
+# example, so beam search need not reorder them (decode._take_rows).
+FIXED_KV_CACHE = ('fixed_key', 'fixed_value')
 
 
 def dense(features: int, axes: tuple[str, str], dtype: Any, name: str, use_bias: bool = True):
@@ -49,6 +52,10 @@ class MultiHeadAttention(nn.Module):
   with ring_cache_size (local attention): a ring buffer of that many slots per row, written at
   the slots `cache_slot` [B, Q], and the queries attend over the ring as it was, followed by the
   new keys ([B, 1, Q, C + Q]; DecodeCursor says which slots hold what).
+  fixed_kv (cross-attention): the keys and values come from a sequence that decoding does not
+  change (the encoder's output), so with `decode=True` they are projected once, by the first call
+  after the cache is initialised (decode.py makes it with no new tokens), and read from the cache
+  (FIXED_KV_CACHE) at every later step instead of being projected again.
 
   attention_window (self-attention, not decoding): local attention computed block by block
   (attention_kinds.py); the caller's mask and logit bias are then those of the blocks
@@ -87,6 +94,7 @@ class MultiHeadAttention(nn.Module):
   impl: str = 'xla'  # An IMPLS name: how softmax(Q K^T) V is computed.
   ring_cache_size: Optional[int] = None  # Decoding: a ring-buffer cache of this many slots.
   num_global_tokens: int = 0  # Local attention: the first this many tokens are global.
+  fixed_kv: bool = False  # Cross-attention: decoding projects kv once and caches the result.
 
   @property
   def product_dtype(self):
@@ -117,22 +125,30 @@ class MultiHeadAttention(nn.Module):
       y = dense(heads * head_dim, ('embed', 'heads'), self.dtype, name, use_bias=self.use_bias)(x)
       return y.reshape(*x.shape[:-1], heads, head_dim)
 
+    norm = lambda name: norms.make_norm(self.qk_norm, self.norm_epsilon, name, axis_name=None)
     q_BxQxHxE = project(x_BxQxD, self.num_heads, 'query')
-    # lsh (Reformer's shared-QK): no key projection, the keys are the queries (unit-normalised
-    # in _lsh_attend). G: key/value heads.
-    k_BxKxGxE = q_BxQxHxE if self.lsh_buckets else project(kv_BxKxD, num_kv_heads, 'key')
-    v_BxKxGxE = project(kv_BxKxD, num_kv_heads, 'value')
     if self.qk_norm:
-      norm = lambda name: norms.make_norm(self.qk_norm, self.norm_epsilon, name,
-                                          axis_name=None)
-      q_BxQxHxE, k_BxKxGxE = norm('query_norm')(q_BxQxHxE), norm('key_norm')(k_BxKxGxE)
+      q_BxQxHxE = norm('query_norm')(q_BxQxHxE)
+
+    def keys_values():  # G: key/value heads
+      # lsh (Reformer's shared-QK): no key projection, the keys are the queries (unit-normalised
+      # in _lsh_attend).
+      k_BxKxGxE = q_BxQxHxE if self.lsh_buckets else project(kv_BxKxD, num_kv_heads, 'key')
+      if self.qk_norm:
+        k_BxKxGxE = norm('key_norm')(k_BxKxGxE)
+      return k_BxKxGxE, project(kv_BxKxD, num_kv_heads, 'value')
+
+    if decode and self.fixed_kv:
+      k_BxKxGxE, v_BxKxGxE = self._fixed_kv_cache(keys_values, cache_index)
+    else:
+      k_BxKxGxE, v_BxKxGxE = keys_values()
     if self.rope_theta:  # Self-attention: the new keys are the queries' tokens (cached rotated),
       # or a segment memory's tokens followed by them (kv_positions_BxK).
       q_BxQxHxE = positions.rotary(q_BxQxHxE, positions_BxQ, self.rope_theta)
       k_BxKxGxE = positions.rotary(k_BxKxGxE, positions_BxQ if kv_positions_BxK is None
                                    else kv_positions_BxK, self.rope_theta)
 
-    if decode:
+    if decode and not self.fixed_kv:
       k_BxKxGxE, v_BxKxGxE = self._update_cache(k_BxKxGxE, v_BxKxGxE, cache_slot, cache_index)
     if self.low_rank_dim:  # every query reads the r projected rows: no mask is left to apply
       k_BxKxGxE, v_BxKxGxE = self._project_length(k_BxKxGxE, v_BxKxGxE, mask_Bx1xQxK)
@@ -346,6 +362,19 @@ class MultiHeadAttention(nn.Module):
                             self.product_dtype).reshape(
         batch, num_q, num_heads, head_dim)
 
+  def _fixed_kv_cache(self, keys_values, cache_index):
+    """fixed_kv's keys and values: projected (keys_values()) by the init call, which only sizes
+    the cache, and by the first call after it, which stores them; read from the cache after."""
+    suffix = '' if cache_index is None else f'_{cache_index}'
+    names = [name + suffix for name in FIXED_KV_CACHE]
+    if self.is_initializing() or not self.has_variable('cache', names[0]):
+      pair = keys_values()
+      if not self.is_initializing():
+        for name, value in zip(names, pair):
+          self.put_variable('cache', name, value)
+      return pair
+    return tuple(self.get_variable('cache', name) for name in names)
+
   def _update_cache(self, k_BxQxHxE, v_BxQxHxE, cache_slot, cache_index):
     """Writes the new keys/values at slot `cache_slot` and returns the whole cache; with a ring
     buffer, writes them at the slots cache_slot [B, Q] (out of range: not kept) and returns the
@@ -416,7 +445,8 @@ class DecodeCursor(nn.Module):
     next_position = self.variable('cache', 'next_position', jnp.zeros, (batch,), jnp.int32)
     kv_positions = self.variable('cache', 'kv_positions', jnp.zeros, (batch, num_new), jnp.int32)
 
-    q_slots_Q = slot.value + jnp.arange(num_new)
+    first_slot = slot.value
+    q_slots_Q = first_slot + jnp.arange(num_new)
     valid_int = valid_BxQ.astype(jnp.int32)
     positions_BxQ = next_position.value[:, None] + jnp.cumsum(valid_int, axis=1) - valid_int
     if initialized:
@@ -440,7 +470,7 @@ class DecodeCursor(nn.Module):
     strided = (None if self.stride is None
                else masks.strided_mask(positions_BxQ, kv_positions_BxC, self.stride))
     mask = masks.combine(masks.padding_mask(kv_valid_BxC), structure, local, strided)
-    return q_slots_Q[0], positions_BxQ, mask, kv_positions_BxC
+    return first_slot, positions_BxQ, mask, kv_positions_BxC
 
   def _ring_buffer(self, valid_BxQ: Array, prefix_len_B: Optional[Array]):
     """__call__ with a ring-buffer cache (the class docstring)."""

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from transformer import models
+from transformer.attention import FIXED_KV_CACHE
 from transformer.layers import SCANNED_LAYERS
 from transformer.special_ids import BOS_ID, EOS_ID, MASK_ID, PAD_ID
 
@@ -163,7 +164,11 @@ def _encoder_decoder(model, params, inputs_BxS, *, max_len: int, copies: int,
 
   # Decoding feeds bos and at most max_len - 1 generated tokens.
   cache = init_cache(model, num_rows, max_len, encoded_BxSxD=encoded_NxSxD, inputs_BxS=inputs_NxS)
-  return _Decoder(cache, step)
+  # A call with no new tokens stores the cross-attention's keys and values, which every step then
+  # reads instead of projecting the encoder's output again (attention.fixed_kv).
+  _, cache = apply({'params': params, 'cache': cache}, jnp.zeros((num_rows, 0), jnp.int32),
+                   decode=True, mutable=['cache'])
+  return _Decoder(cache['cache'], step)
 
 
 def _single_stack(model, params, context_BxP, *, max_len: int, copies: int, use_cache: bool,
@@ -262,9 +267,10 @@ def _keep_best(k: int, scores_BxM: Array, *arrays_BxM):
 
 def _take_rows(state, rows_N: Array):
   """Each beam's decoder state from its parent's: rows_N of every leaf with rows (a scanned
-  stack's cache leaves hold its layers first, [layers, N, ...]); scalars are shared."""
+  stack's cache leaves hold its layers first, [layers, N, ...]); scalars are shared, and so are
+  the cross-attention's keys and values, the same for every beam of an example."""
   def take(path, x):
-    if not x.ndim:
+    if not x.ndim or getattr(path[-1], 'key', None) in FIXED_KV_CACHE:
       return x
     scanned = any(getattr(key, 'key', None) == SCANNED_LAYERS for key in path)
     return jnp.take(x, rows_N, axis=int(scanned))

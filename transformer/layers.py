@@ -257,7 +257,8 @@ class Block(nn.Module):
           num_global_tokens=cfg.num_global_tokens if positional else 0,
           stride=attention_stride(cfg) if positional else None,
           lsh_buckets=cfg.lsh_buckets if positional and cfg.attention_kind == 'lsh' else None,
-          lsh_rounds=cfg.lsh_rounds, lsh_chunk=cfg.attention_window, name=name)
+          lsh_rounds=cfg.lsh_rounds, lsh_chunk=cfg.attention_window,
+          fixed_kv=not positional, name=name)
 
     kv_positions_BxK = None
     if memory_BxMxD is not None:
@@ -278,7 +279,8 @@ class Block(nn.Module):
     if self.cross_attention:  # Positions do not apply across two sequences.
       x_BxLxD = self._residual(
           x_BxLxD, lambda h: attention('cross_attention', False)(
-              h, encoded_BxSxD, cross_mask, deterministic=deterministic),
+              h, encoded_BxSxD, cross_mask, deterministic=deterministic, decode=decode,
+              cache_index=cache_index),
           'cross_attention', deterministic)
     return self._residual(x_BxLxD, FeedForward(cfg, name='ffn'), 'ffn', deterministic)
 
