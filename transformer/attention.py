@@ -46,7 +46,7 @@ class MultiHeadAttention(nn.Module):
   followed by x) (self-attention only; positions.rotary); logit_bias adds a per-head bias (T5's
   relative bias, ALiBi).
 
-  With `decode=True` (self-attention only), new keys/values are written into a cache at
+  With `decode=True` (self-attention), new keys/values are written into a cache at
   `cache_slot` and the queries attend over the whole cache; the caller's mask then spans the
   cache ([B, 1, Q, C]). The cache is sized by the sequence length of the `init` call, except
   with ring_cache_size (local attention): a ring buffer of that many slots per row, written at
@@ -363,8 +363,8 @@ class MultiHeadAttention(nn.Module):
         batch, num_q, num_heads, head_dim)
 
   def _fixed_kv_cache(self, keys_values, cache_index):
-    """fixed_kv's keys and values: projected (keys_values()) by the init call, which only sizes
-    the cache, and by the first call after it, which stores them; read from the cache after."""
+    """fixed_kv's keys and values: keys_values() while the cache has none (the init call, which
+    only sizes the cache, and the first call after it, which stores them), then the cache's."""
     suffix = '' if cache_index is None else f'_{cache_index}'
     names = [name + suffix for name in FIXED_KV_CACHE]
     if self.is_initializing() or not self.has_variable('cache', names[0]):
