@@ -1,5 +1,5 @@
 """original:small in 3,000 steps instead of 4,200, with more dropout against Multi30k's
-overfitting, compared on validation.
+overfitting (and pre-LN, which learns faster early), compared on validation.
 
   python -m launch.sweep --sweep=configs/sweeps/original_recipe_v2.py --workdir=runs/recipe_v2
 
@@ -18,6 +18,7 @@ def get_sweep():
       runs=[
           ('dropout_0.2', {'dropout_rate': 0.2}),
           ('dropout_0.3', {'dropout_rate': 0.3}),
+          ('dropout_0.2_pre_ln', {'dropout_rate': 0.2, 'pre_ln': True}),
       ],
       seeds=[0],
   )
