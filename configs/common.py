@@ -151,6 +151,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.peak_flops = config_dict.placeholder(float)  # Peak FLOP/s for MFU (unset = measured at start).
   c.eval_every_steps = 500  # Validation (and BLEU where it applies); also at the end.
   c.eval_batch_size = 64  # Global eval batch.
+  c.decode_batch_size = config_dict.placeholder(int)  # Sentences per batch that translation
+  # decodes (translate, eval, select, validation BLEU); unset = eval_batch_size, but at most 16 per
+  # data-parallel device on the CPU backend, where smaller batches decode faster (see
+  # evaluate.decode_batch_size).
   c.max_eval_batches = config_dict.placeholder(int)  # Cap validation batches (unset = whole split).
   c.bleu_max_sentences = 200  # Validation sentences decoded for BLEU during training (0 = skip).
   c.decode_max_len = 64  # Longest generated continuation.

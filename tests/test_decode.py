@@ -370,6 +370,23 @@ def test_translate_texts_equals_each_sentence_decoded_alone():
     assert output == ctx.tokenizer.decode(np.asarray(alone)[0]), source
 
 
+@pytest.mark.parametrize('overrides, rows', [
+    (dict(eval_batch_size=256), 16 * 8),  # the CPU's cap: 16 per data-parallel device
+    (dict(eval_batch_size=24), 24),  # below the cap: the eval batch
+    (dict(eval_batch_size=256, decode_batch_size=8), 8),  # set: as set
+], ids=['cpu_cap', 'eval_batch', 'set'])
+def test_translation_batches_hold_decode_batch_size_sentences(monkeypatch, overrides, rows):
+  assert jax.device_count() == 8 and jax.default_backend() == 'cpu'  # the tests' fake devices
+  ctx, params = _translation_context(**overrides)
+  shapes = []
+  translate = decode.translate
+  monkeypatch.setattr(decode, 'translate', lambda model, params, inputs_BxS, **kwargs: (
+      shapes.append(inputs_BxS.shape), translate(model, params, inputs_BxS, **kwargs))[1])
+  outputs = evaluate.translate_texts(ctx, params, TEXTS * 3, beam_size=1)
+  assert len(outputs) == len(TEXTS) * 3
+  assert [rows for _ in range(-(-len(TEXTS) * 3 // rows))] == [shape[0] for shape in shapes]
+
+
 def test_translations_end_within_the_ratio_of_their_bucketed_source():
   ctx, params = _translation_context(translate_max_ratio=1.0)
   outputs = evaluate.translate_texts(ctx, params, TEXTS, beam_size=1)

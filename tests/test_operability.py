@@ -133,6 +133,12 @@ def test_mode_batch_and_field_checks():
                                                r'over 8 data-parallel devices'):
     config_checks.check_mesh(config, 'train')
   config_checks.check_mesh(config, 'eval')  # eval batches only: 8 divides eval_batch_size
+  config = config_for(decode_batch_size=12)
+  with pytest.raises(errors.ConfigError, match=r'config.decode_batch_size=12 must be a multiple '
+                                               r'of 8'):
+    config_checks.check_mesh(config, 'translate')
+  with pytest.raises(errors.ConfigError, match=r'config.decode_batch_size=0 must be positive'):
+    config_checks.check(config_for(decode_batch_size=0))
   with pytest.raises(errors.ConfigError, match='learnin_rate is not a config field'):
     config_checks.check_fields(config, ['learning_rate', 'learnin_rate'], '--allow_config_change')
 

@@ -22,8 +22,11 @@ ON_NONFINITE = ('stop', 'skip')  # what train._check_finite does with a non-fini
 # Modes that only some variants can do: the Variant attribute that says so.
 MODE_ABILITY = {'translate': 'translates', 'generate': 'generates', 'fill_mask': 'fills_masks'}
 # The batches each mode splits over the data-parallel devices.
-SHARDED_BATCHES = {'train': ('batch_size', 'eval_batch_size'), 'eval': ('eval_batch_size',),
-                   'translate': ('eval_batch_size',), 'select': ('eval_batch_size',)}
+SHARDED_BATCHES = {
+    'train': ('batch_size', 'eval_batch_size', 'decode_batch_size'),
+    'eval': ('eval_batch_size', 'decode_batch_size'),
+    'translate': ('eval_batch_size', 'decode_batch_size'),
+    'select': ('eval_batch_size', 'decode_batch_size')}
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
@@ -39,6 +42,9 @@ def _choices() -> dict[str, tuple[str, ...]]:
 def _problems(config) -> list[str]:
   problems = [f'config.{field}={config[field]!r} is not one of {", ".join(choices)}.'
               for field, choices in _choices().items() if config[field] not in choices]
+  if config.decode_batch_size is not None and config.decode_batch_size < 1:
+    problems.append(f'config.decode_batch_size={config.decode_batch_size} must be positive, or '
+                    'unset for the default.')
   if config.d_model % config.num_heads:
     problems.append(f'config.d_model={config.d_model} is not divisible by '
                     f'config.num_heads={config.num_heads}.')
@@ -162,7 +168,8 @@ def check_mesh(config, mode: str = 'train'):
   shape = sharding.mesh_shape(config, jax.device_count())
   parallel = math.prod(shape[axis] for axis in sharding.BATCH_AXES)
   split = math.lcm(parallel, jax.process_count())
-  uneven = [name for name in SHARDED_BATCHES.get(mode, ()) if config[name] % split]
+  uneven = [name for name in SHARDED_BATCHES.get(mode, ())
+            if config[name] is not None and config[name] % split]
   if uneven:
     sizes = ' and '.join(f'config.{name}={config[name]}' for name in uneven)
     processes = f' and {jax.process_count()} processes' if jax.process_count() > 1 else ''

@@ -6,6 +6,8 @@ split over data x fsdp. Parameters carry logical axis names (see attention.dense
 axes by RULES; an axis whose size does not divide stays replicated.
 """
 
+import math
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -63,6 +65,11 @@ def tree_shardings(boxed_tree, mesh: Mesh):
     return NamedSharding(mesh, P())
 
   return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  """How many ways a batch is split: the devices along the batch axes."""
+  return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
