@@ -88,8 +88,8 @@ def test_bfloat16_model_keeps_float32_parameters_and_logits_near_float32s():
 def test_auto_takes_bfloat16_where_its_matmuls_are_enough_faster(monkeypatch, bf16_speedup,
                                                                    chosen):
   peaks = {jnp.dtype(jnp.float32): 100e9, jnp.dtype(jnp.bfloat16): bf16_speedup * 100e9}
-  monkeypatch.setattr(precision, 'measure_matmul_peak',
-                      lambda size, dtype, repeats: peaks[jnp.dtype(dtype)])
+  monkeypatch.setattr(precision, '_matmul_flops_per_s',
+                      lambda devices, size, dtype, repeats: peaks[jnp.dtype(dtype)])
   precision.compute_dtype.cache_clear()
   try:
     assert precision.compute_dtype('auto') == chosen

@@ -125,14 +125,16 @@ AUTO_MIN_SPEEDUP = 1.5
 @functools.cache
 def compute_dtype(name: str) -> jnp.dtype:
   """config.dtype -> the dtype of the products' inputs. 'auto' measures both matmul peaks on
-  this process's devices (a second or two); in a run of several processes, process 0's choice
-  holds for all, so that every process compiles the same program."""
+  this process's first device (a fraction of a second); in a run of several processes, process
+  0's choice holds for all, so that every process compiles the same program."""
   if name not in DTYPES:
     raise ValueError(f'dtype must be one of {", ".join(DTYPES)}, got {name!r}')
   if name != 'auto':
     return jnp.dtype(name)
-  speedup = (measure_matmul_peak(1024, jnp.bfloat16, repeats=3)
-             / measure_matmul_peak(1024, jnp.float32, repeats=3))
+  # One device suffices for a ratio, and each measurement is a compilation: a start-up cost.
+  device = jax.local_devices()[:1]
+  speedup = (_matmul_flops_per_s(device, 1024, jnp.bfloat16, repeats=3)
+             / _matmul_flops_per_s(device, 1024, jnp.float32, repeats=3))
   narrow = speedup >= AUTO_MIN_SPEEDUP
   if jax.process_count() > 1:
     narrow = bool(multihost_utils.broadcast_one_to_all(np.asarray(narrow)))
