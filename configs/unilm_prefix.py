@@ -10,8 +10,8 @@ OVERRIDES = dict(num_token_types=2, max_len=160)
 
 SIZES = dict(
     tiny=dict(common.TINY, max_len=64),
-    # original:small's recipe in one stack: 6 layers (vs 3 + 3; 6.8 M vs 7.6 M parameters), the
-    # same packed token budget per step (32 rows of 129 = 64 source + 65 target slots).
+    # original:small_paper's recipe in one stack: 6 layers (vs 3 + 3; 6.8 M vs 7.6 M parameters),
+    # the same packed token budget per step (32 rows of 129 = 64 source + 65 target slots).
     small=dict(d_model=256, num_heads=4, num_layers=6, d_ff=1024, packing=True, batch_size=32,
                learning_rate=0.5, warmup_steps=300, num_train_steps=350, eval_every_steps=350,
                checkpoint_every_steps=350, log_every_steps=25, bleu_max_sentences=1014),

@@ -11,7 +11,7 @@ One machine, one sitting, one measurement at a time (each in its own process):
             vs nanoGPT's train.py (eager; --nanogpt_compile adds torch.compile at both GPT
             shapes)
   encdec    encoder-decoder 3+3 layers x 256 wide, 8k joint vocabulary, 128 x (24 + 24) tokens,
-            dropout 0.1 (original:small, unpacked) vs Hugging Face MarianMTModel and flax's
+            dropout 0.1 (original:small_paper, unpacked) vs Hugging Face MarianMTModel and flax's
             examples/wmt Transformer
   bert      BERT 4 layers x 256 wide, 64 rows x 128 tokens (bert_mlm:small, rows of 128)
             vs Hugging Face BertForMaskedLM
@@ -74,7 +74,7 @@ SHAPES = {
                      dict(num_layers=6, num_heads=6, d_model=384, d_ff=1536, block_size=256,
                           max_len=256, batch_size=16),
                      dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=16)),
-    'encdec': Shape('configs/original.py:small',
+    'encdec': Shape('configs/original.py:small_paper',
                     dict(packing=False, batch_size=ENCDEC['batch'],
                          max_source_len=ENCDEC['source_len'], max_target_len=ENCDEC['target_len'])),
     'bert': Shape('configs/bert_mlm.py:small',

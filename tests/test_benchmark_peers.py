@@ -10,11 +10,12 @@ from configs import bert_mlm, original
 from launch import benchmark_peers
 from transformer import variants
 
-CONFIGS = {'configs/original.py:small': original, 'configs/bert_mlm.py:small': bert_mlm}
+CONFIGS = {'configs/original.py': original, 'configs/bert_mlm.py': bert_mlm}
 
 
 def our_parameter_count(shape):
-  config = CONFIGS[shape.config].get_config('small')
+  path, size = shape.config.split(':')
+  config = CONFIGS[path].get_config(size)
   config.update(shape.overrides)
   model = variants.build_model(config, benchmark_peers.VOCAB)
   ids = jnp.ones((1, 8), jnp.int32)

@@ -464,11 +464,11 @@ def test_factorised_embedding_and_tied_output_match_their_definition():
 def test_modern_block_sweep_holds_parameters_within_two_percent(spec):
   sweep = {'modern_block_gpt': modern_block_gpt,
            'modern_block_original': modern_block_original}[spec].get_sweep()
-  module = {'configs/gpt_causal.py:small': gpt_causal,
-            'configs/original.py:small': original}[sweep['config']]
+  path, size = sweep['config'].split(':')
+  module = {'configs/gpt_causal.py': gpt_causal, 'configs/original.py': original}[path]
   counts = []
   for _, fields in sweep['runs']:
-    config = module.get_config('small')
+    config = module.get_config(size)
     config.update(dict(sweep['overrides'], **fields))
     model = variants.build_model(config, 8000)
     shapes = jax.eval_shape(lambda m=model, c=config: objectives.init_params(

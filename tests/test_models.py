@@ -206,6 +206,19 @@ def test_paper_parameter_counts():
   assert big == paper_parameter_count(37000, 1024, 4096, 6) == 214_171_648  # paper: 213 M
 
 
+def test_small_paper_keeps_the_papers_recipe_and_small_its_model():
+  """original:small_paper trains as the paper's section 5 does (post-LN, dropout 0.1, label
+  smoothing 0.1, Adam 0.9 / 0.98 / 1e-9, its rsqrt schedule): the ablations' baseline.
+  original:small changes the recipe, not the model's shape."""
+  paper, small = original.get_config('small_paper'), original.get_config('small')
+  assert (paper.pre_ln, paper.dropout_rate, paper.label_smoothing, paper.schedule, paper.b1,
+          paper.b2, paper.eps) == (False, 0.1, 0.1, 'rsqrt', 0.9, 0.98, 1e-9)
+  assert count_params(paper, 8000) == paper_parameter_count(8000, 256, 1024, 3) == 7_568_384
+  shape = ('d_model', 'num_heads', 'num_layers', 'num_decoder_layers', 'd_ff', 'vocab_size',
+           'share_embeddings', 'tie_output', 'batch_size', 'packing')
+  assert [small[f] for f in shape] == [paper[f] for f in shape]
+
+
 @pytest.mark.parametrize('variant', list(CONFIGS))
 def test_tiny_forward_backward_on_8_devices(variant):
   assert jax.device_count() == 8

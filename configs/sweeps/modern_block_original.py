@@ -1,4 +1,4 @@
-"""The 2017 block to today's (configs/sweeps/modern_block.py) on original:small, Multi30k
+"""The 2017 block to today's (configs/sweeps/modern_block.py) on original:small_paper, Multi30k
 de->en, two seeds, shortened as the one-factor ablation is (240 steps, about one epoch; greedy
 BLEU on the first 500 validation sentences).
 
@@ -9,7 +9,7 @@ from configs.sweeps import modern_block
 
 
 def get_sweep():
-  return dict(config='configs/original.py:small',
+  return dict(config='configs/original.py:small_paper',
               overrides=dict(num_train_steps=240, warmup_steps=200, eval_every_steps=240,
                              checkpoint_every_steps=240, log_every_steps=20,
                              bleu_max_sentences=500),

@@ -1,4 +1,4 @@
-"""original:small, one factor at a time: each run changes one choice of the paper's recipe.
+"""original:small_paper, one factor at a time: each run changes one choice of the paper's recipe.
 
   python -m launch.sweep --sweep=configs/sweeps/original_ablation.py --workdir=runs/ablation
 
@@ -11,7 +11,7 @@ the whole split and greedy BLEU on its first 500 sentences. Recipe 1's length:
 
 def get_sweep():
   return dict(
-      config='configs/original.py:small',
+      config='configs/original.py:small_paper',
       overrides=dict(num_train_steps=240, warmup_steps=200, eval_every_steps=240,
                      checkpoint_every_steps=240, log_every_steps=20, bleu_max_sentences=500),
       runs=[
