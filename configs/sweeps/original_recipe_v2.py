@@ -21,11 +21,9 @@ def get_sweep():
           ('dropout_0.3', {'dropout_rate': 0.3}),
           ('dropout_0.2_pre_ln', {'dropout_rate': 0.2, 'pre_ln': True}),
           # Pre-LN's rate: cosine decay to a tenth of about the same peak (rsqrt's 0.5 gives
-          # 1.8e-3 at step 300), then of a higher one.
+          # 1.8e-3 at step 300).
           ('dropout_0.2_pre_ln_cosine', {'dropout_rate': 0.2, 'pre_ln': True,
                                          'schedule': 'cosine', 'learning_rate': 2e-3}),
-          ('dropout_0.2_pre_ln_cosine_3e-3', {'dropout_rate': 0.2, 'pre_ln': True,
-                                              'schedule': 'cosine', 'learning_rate': 3e-3}),
       ],
       seeds=[0],
   )
