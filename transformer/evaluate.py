@@ -62,9 +62,9 @@ def encode_sources(tokenizer, sources: list[str], max_len: int) -> tuple[np.ndar
 
 SOURCE_BUCKET = 16  # translate_texts pads sources to a multiple of this: few shapes to compile
 # On the CPU backend, beam search runs faster in small batches: each step's cache reordering,
-# softmax and top-k grow with the rows, and a batch waits for its longest sentence. Beam 4 on
-# test_2016 (original:small, two CPU devices, docs/results.md): 17.7 s in batches of 32 against
-# 21.2 s in batches of 64. Accelerators want the opposite: their decode batch stays the config's.
+# softmax and top-k grow with the rows, and a batch waits for its longest sentence (measured in
+# docs/results.md, Decoding). Accelerators want the opposite: their decode batch stays the
+# config's.
 CPU_DECODE_ROWS_PER_DEVICE = 16
 
 
