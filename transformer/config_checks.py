@@ -166,7 +166,7 @@ def check_mesh(config, mode: str = 'train'):
   over the data-parallel devices (mesh data x fsdp) and the processes. Needs the devices: call
   after distributed.initialize."""
   shape = sharding.mesh_shape(config, jax.device_count())
-  parallel = math.prod(shape[axis] for axis in sharding.BATCH_AXES)
+  parallel = sharding.data_parallel_size(shape)
   split = math.lcm(parallel, jax.process_count())
   uneven = [name for name in SHARDED_BATCHES.get(mode, ())
             if config[name] is not None and config[name] % split]

@@ -76,7 +76,7 @@ def decode_batch_size(config, mesh) -> int:
   if jax.default_backend() != 'cpu':
     return config.eval_batch_size
   return min(config.eval_batch_size,
-             CPU_DECODE_ROWS_PER_DEVICE * sharding.data_parallel_size(mesh))
+             CPU_DECODE_ROWS_PER_DEVICE * sharding.data_parallel_size(mesh.shape))
 
 
 def translate_texts(ctx, params, sources: list[str], *, beam_size: int,

@@ -67,9 +67,10 @@ def tree_shardings(boxed_tree, mesh: Mesh):
   return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-  """How many ways a batch is split: the devices along the batch axes."""
-  return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+def data_parallel_size(shape) -> int:
+  """How many ways a batch is split: the devices along the batch axes of a mesh's shape
+  (mesh.shape, or mesh_shape()'s dict)."""
+  return math.prod(shape[axis] for axis in BATCH_AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
