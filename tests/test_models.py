@@ -181,8 +181,8 @@ def test_unilm_padded_prompt_matches_unpadded():
 
 def count_params(config, vocab_size):
   model = variants.build_model(config, vocab_size)
-  x = jnp.ones((1, 8), jnp.int32)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, x))['params']
+  args, kwargs = model.batch_arguments(variants.example_batch(config))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))['params']
   return sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
 
 
@@ -217,6 +217,28 @@ def test_small_paper_keeps_the_papers_recipe_and_small_its_model():
   shape = ('d_model', 'num_heads', 'num_layers', 'num_decoder_layers', 'd_ff', 'vocab_size',
            'share_embeddings', 'tie_output', 'batch_size', 'packing')
   assert [small[f] for f in shape] == [paper[f] for f in shape]
+
+
+def single_stack_parameter_count(vocab, d, d_ff, num_layers, num_token_types):
+  """One pre-LN stack, written out: the tied V x d embedding, a d-wide embedding per token type,
+  and per layer self-attention without biases, the FFN with biases and two LayerNorms; one final
+  LayerNorm."""
+  layer = 4 * d * d + (d * d_ff + d_ff + d_ff * d + d) + 2 * 2 * d
+  return vocab * d + num_token_types * d + num_layers * layer + 2 * d
+
+
+def test_unilm_prefix_small_matches_original_small_in_parameters_and_steps():
+  """The must-show comparison of issue 18: the single stack against the encoder-decoder at equal
+  parameters (within 0.1%), steps and packed rows, with the same recipe."""
+  unilm, encdec = unilm_prefix.get_config('small'), original.get_config('small')
+  unilm_params = single_stack_parameter_count(8000, 256, 1024, 7, 2)
+  encdec_params = paper_parameter_count(8000, 256, 1024, 3) + 2 * 2 * 256  # + two final norms
+  assert count_params(unilm, 8000) == unilm_params == 7_570_176
+  assert count_params(encdec, 8000) == encdec_params == 7_569_408
+  assert abs(unilm_params - encdec_params) / encdec_params < 1e-3
+  recipe = ('num_train_steps', 'batch_size', 'packing', 'pre_ln', 'dropout_rate', 'schedule',
+            'learning_rate', 'warmup_steps', 'label_smoothing', 'average_last_checkpoints')
+  assert [unilm[f] for f in recipe] == [encdec[f] for f in recipe]
 
 
 @pytest.mark.parametrize('variant', list(CONFIGS))
