@@ -62,9 +62,19 @@ def main_command(workdir, data_dir: str, *flags: str, config_file='configs/origi
                  **extra) -> list[str]:
   """`python -m launch.main` with the same config as make_config(data_dir, **extra) (for
   original:tiny), then `flags`."""
-  config = [f'--config.{k}={v}' for k, v in overrides(data_dir, **extra).items()]
-  return [sys.executable, '-m', 'launch.main', f'--config={config_file}', f'--workdir={workdir}',
-          *config, *flags]
+  return [sys.executable, '-m', 'launch.main', *config_flags(data_dir, config_file, **extra),
+          f'--workdir={workdir}', *flags]
+
+
+def prepare_data_command(data_dir: str, config_file='configs/original.py:tiny',
+                         **extra) -> list[str]:
+  """`python -m launch.prepare_data` for the config of main_command(..., **extra)."""
+  return [sys.executable, '-m', 'launch.prepare_data', *config_flags(data_dir, config_file, **extra)]
+
+
+def config_flags(data_dir: str, config_file: str, **extra) -> list[str]:
+  return [f'--config={config_file}',
+          *(f'--config.{k}={v}' for k, v in overrides(data_dir, **extra).items())]
 
 
 @functools.lru_cache(maxsize=None)

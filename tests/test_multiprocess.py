@@ -86,7 +86,12 @@ SMALL = dict(num_layers=1, num_decoder_layers=1, mesh_data=1, mesh_fsdp=8)
 
 def launch_two_processes(workdir, log_prefix, **config) -> tuple[list, list[str]]:
   port = rh.free_port()
-  command = rh.main_command(workdir, rh.prepared_data_dir(), **SMALL, **config)
+  data_dir = rh.prepared_data_dir()
+  # As the launch scripts do: one process prepares the token ids that both then read (two
+  # processes preparing one split at once race on its partial folder).
+  subprocess.run(rh.prepare_data_command(data_dir, **SMALL, **config), cwd=rh.ROOT, check=True,
+                 capture_output=True)
+  command = rh.main_command(workdir, data_dir, **SMALL, **config)
   logs = [f'{log_prefix}_{i}.log' for i in range(2)]
   return [rh.start(command, logs[i], process_env(i, port)) for i in range(2)], logs
 
@@ -107,6 +112,7 @@ def test_two_processes_equal_one_and_stop_together_on_sigterm(tmp_path, monkeypa
   codes = rh.wait_all(procs)
   texts = [rh.read(p) for p in logs]
   assert codes == [0, 0], '\n'.join(t[-3000:] for t in texts)
+  assert not any('Preparing token ids' in t for t in texts)  # prepare_data did it beforehand
   stops = [re.findall(r'Preempted \(SIGTERM\): saving step (\d+)', t) for t in texts]
   assert stops[0] and stops[0] == stops[1], stops  # both processes stop at the same step
   stop = int(stops[0][0])
