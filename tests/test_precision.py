@@ -99,6 +99,26 @@ def test_auto_takes_bfloat16_where_its_matmuls_are_enough_faster(monkeypatch, bf
     precision.compute_dtype.cache_clear()
 
 
+def test_auto_is_not_fooled_by_a_cold_first_measurement(monkeypatch):
+  # The first products a process runs are slow, whichever dtype they are in: here the first
+  # measurement comes out at a quarter of its steady value, on a machine where bfloat16 runs
+  # 2x float32. One measurement of each dtype would read that as 0.5x (or 8x) and choose by it.
+  steady = {jnp.dtype(jnp.float32): 100e9, jnp.dtype(jnp.bfloat16): 200e9}
+  calls = []
+
+  def measured(devices, size, dtype, repeats):
+    calls.append(jnp.dtype(dtype))
+    return steady[jnp.dtype(dtype)] / (4 if len(calls) == 1 else 1)
+
+  monkeypatch.setattr(precision, '_matmul_flops_per_s', measured)
+  precision.compute_dtype.cache_clear()
+  try:
+    assert precision.compute_dtype('auto') == jnp.bfloat16
+  finally:
+    precision.compute_dtype.cache_clear()
+  assert set(calls) == set(steady)
+
+
 def test_an_unknown_dtype_is_refused_naming_the_field():
   config = gpt_causal.get_config('tiny')
   config.dtype = 'float16'
