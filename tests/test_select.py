@@ -65,18 +65,18 @@ def test_averaged_checkpoint_is_the_mean_of_the_last_n(trained):
 
 @pytest.fixture(scope='module')
 def selected(trained):
-  """(config, workdir, the splits read, stdout) of --mode=select on the trained workdir, reading
-  only SENTENCES sentences and BATCHES batches of what it asks for."""
+  """(config, workdir, the reads as (what, split), stdout) of --mode=select on the trained
+  workdir, reading only SENTENCES sentences and BATCHES batches of what it asks for."""
   config, workdir = trained
-  splits = []
+  reads = []
   load_text_pairs, make_eval_batches = data.load_text_pairs, data.make_eval_batches
 
   def few_pairs(config, split):
-    splits.append(split)
+    reads.append(('pairs', split))
     return load_text_pairs(config, split)[:SENTENCES]
 
   def few_batches(config, tokenizer, split='validation', **kwargs):
-    splits.append(split)
+    reads.append(('batches', split))
     return make_eval_batches(config, tokenizer, split, **kwargs)[:BATCHES]
 
   stdout = io.StringIO()
@@ -84,7 +84,7 @@ def selected(trained):
     patch.setattr(data, 'load_text_pairs', few_pairs)
     patch.setattr(data, 'make_eval_batches', few_batches)
     selection.run_select(config, workdir)
-  return config, workdir, splits, stdout.getvalue()
+  return config, workdir, reads, stdout.getvalue()
 
 
 def read_json(workdir, name):
@@ -93,13 +93,16 @@ def read_json(workdir, name):
 
 
 def test_select_scores_every_point_on_validation_only(selected):
-  _, workdir, splits, stdout = selected
-  assert splits and set(splits) == {'validation'}
+  _, workdir, reads, stdout = selected
+  assert reads and {split for _, split in reads} == {'validation'}
   table = read_json(workdir, selection.ROWS)
   points = {(row['checkpoint'], row['beam_size'], row['length_penalty']) for row in table['rows']}
   # '2,3' is the saved average: it is scored once, as 'averaged'.
-  assert points == {(name, beam, alpha) for name in ('3', '1,2,3', 'averaged')
+  checkpoints = ('3', '1,2,3', 'averaged')
+  assert points == {(name, beam, alpha) for name in checkpoints
                     for beam, alpha in selection.DECODINGS}
+  # The loss does not depend on decoding: each checkpoint's is measured once.
+  assert [what for what, _ in reads].count('batches') == len(checkpoints)
   assert len(table['rows']) == len(points) and table['metric'] == 'bleu'
   best = read_json(workdir, selection.SELECTED)
   assert best['value'] == max(row['value'] for row in table['rows'])
@@ -114,8 +117,9 @@ def fake_scores(monkeypatch, workdir, scores: dict):
     os.makedirs(os.path.join(workdir, folder, str(step)), exist_ok=True)
   monkeypatch.setattr(inference, 'restore', lambda config, workdir, which: (
       None, None, [2, 3] if which == 'averaged' else [int(s) for s in which.split(',')]))
+  monkeypatch.setattr(inference, 'split_losses', lambda ctx, params, split: {})
 
-  def run_eval(config, workdir, split, which, restored):
+  def run_eval(config, workdir, split, which, restored, losses):
     value = scores.get((which, config.beam_size, config.length_penalty), 0.0)
     return dict(averaged_steps=restored[2], bleu=value, loss=value)
   monkeypatch.setattr(inference, 'run_eval', run_eval)

@@ -66,8 +66,17 @@ def _steps(ckpt: checkpoint.Checkpointer, which: str, config) -> list[int | None
   return steps
 
 
+def split_losses(ctx, params, split: str) -> dict:
+  """Loss, NLL, perplexity and accuracy of params on a whole split."""
+  batches = data.make_eval_batches(ctx.config, ctx.tokenizer, split,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+  eval_fn = evaluate.jit_eval_step(ctx.model, ctx.config, ctx.mesh, None)
+  return evaluate.loss_metrics(ctx, eval_fn, params, batches)
+
+
 def run_eval(config, workdir: str, split: str, which: str = 'latest', *,
-             restored=None) -> dict:
+             restored=None, losses: dict | None = None) -> dict:
   """Loss/perplexity/accuracy of a whole split, plus BLEU and chrF for translation variants
   (decoded with config's beam_size and length_penalty).
 
@@ -75,15 +84,12 @@ def run_eval(config, workdir: str, split: str, which: str = 'latest', *,
   translation: ..._greedy.json or ..._beam<k>_lp<alpha>.json, so that checkpoints and decoding
   settings compared on validation keep their own files) and returns its content.
   restored: what restore(config, workdir, which) returned, to evaluate one checkpoint under
-  several decoding settings without reading it again.
+  several decoding settings without reading it again; losses: what split_losses measured for it
+  (they do not depend on decoding), so as not to measure them again.
   """
   ctx, params, steps = restored or restore(config, workdir, which)
-  batches = data.make_eval_batches(config, ctx.tokenizer, split,
-                                   process_index=jax.process_index(),
-                                   process_count=jax.process_count())
-  eval_fn = evaluate.jit_eval_step(ctx.model, config, ctx.mesh, None)
   result = dict(split=split, step=steps[-1], checkpoint=which, averaged_steps=steps,
-                **evaluate.loss_metrics(ctx, eval_fn, params, batches))
+                **(losses or split_losses(ctx, params, split)))
   if variants.get(config.variant).translates:
     scores, hypotheses = evaluate.translation_scores(ctx, params, split,
                                                      beam_size=config.beam_size,

@@ -69,9 +69,11 @@ def run_select(config, workdir: str) -> dict:
   decodings = DECODINGS if translates else ((None, None),)
   rows = []
   for name, restored in _candidates(config, workdir):
+    ctx, params, _ = restored
+    losses = inference.split_losses(ctx, params, SPLIT)  # once: decoding does not change them
     for beam_size, length_penalty in decodings:
       result = inference.run_eval(_with_decoding(config, beam_size, length_penalty), workdir,
-                                  SPLIT, name, restored=restored)
+                                  SPLIT, name, restored=restored, losses=losses)
       rows.append(dict(checkpoint=name, steps=result['averaged_steps'], beam_size=beam_size,
                        length_penalty=length_penalty, metric=metric, value=result[metric]))
   # The first of equal rows wins: the latest checkpoint, greedy, before costlier settings.
