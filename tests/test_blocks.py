@@ -335,7 +335,8 @@ def test_global_tokens_decode_through_a_linear_cache_equal_to_full():
   model, _, params = gpt(**GLOBAL)
   x = jax.random.randint(jax.random.key(2), (2, 12), 4, VOCAB)
   cache = decode.init_cache(model, 2, 12)
-  assert cache['stack']['layer_0']['self_attention']['cached_key'].shape == (2, 12, 2, 16)
+  key = cache['stack']['layer_0']['self_attention']['cached_key']
+  assert key.shape == (2, 2, 12, 16)  # [B, G, C, E]
   assert_prefill_then_steps_equal_full(model, params, cache, x)
 
 
@@ -378,7 +379,7 @@ def test_grouped_query_cache_holds_only_the_key_value_heads():
   model, _, _ = gpt(num_kv_heads=1, num_heads=2)
   cache = decode.init_cache(model, 2, 9)
   key = cache['stack']['layer_0']['self_attention']['cached_key']
-  assert key.shape == (2, 9, 1, 16)  # [B, C, H_kv, E]: num_heads / num_kv_heads = 2x smaller
+  assert key.shape == (2, 1, 9, 16)  # [B, H_kv, C, E]: num_heads / num_kv_heads = 2x smaller
 
 
 def count(**overrides):

@@ -2,6 +2,7 @@
 
 import functools
 import itertools
+import re
 import types
 
 import flax.linen as nn
@@ -14,6 +15,7 @@ import pytest
 from configs import bert_mlm, gpt_causal, original, unilm_prefix
 from transformer import decode, evaluate, sharding, variants
 from transformer.data.tokenizer import CharTokenizer
+from transformer.special_ids import PAD_ID
 
 VOCAB = 12
 MAX_LEN = 8
@@ -172,6 +174,39 @@ def test_decoding_steps_do_not_project_the_encoder_output_again(tiny_models, bea
   assert (encoded, True) not in found
 
 
+def _loop_computations(hlo: str) -> str:
+  """The text of every computation that the while loops of an optimized HLO module run (their
+  bodies and what those call, fusions included)."""
+  computations = {m.group(1): m.group(0) for m in
+                  re.finditer(r'^%?([\w.-]+) [^\n]*\{\n.*?^\}', hlo, re.M | re.S)}
+  todo = re.findall(r'\bbody=%?([\w.-]+)', hlo)
+  seen = set()
+  while todo:
+    name = todo.pop()
+    if name not in seen and name in computations:
+      seen.add(name)
+      todo += re.findall(r'(?:calls|to_apply|body|condition)=%?([\w.-]+)', computations[name])
+  return '\n'.join(computations[name] for name in seen)
+
+
+def test_beam_steps_copy_no_cache_into_another_layout():
+  """The caches are held in the layouts the decoding step's products read: inside the token loop
+  no transpose makes an array the size of a cache (the cross-attention's keys or values, or the
+  self-attention's); each such copy would rewrite the whole cache at every step."""
+  model, params = make_model('original')
+  beams, source_len = 3, 11
+  sources = jnp.ones((2, source_len), jnp.int32)
+  hlo = decode.translate.lower(model, params, sources, max_len=MAX_LEN, beam_size=beams,
+                               eos_id=EOS).compile().as_text()
+  d_model = model.cfg.d_model
+  cache_sizes = {2 * beams * source_len * d_model, 2 * beams * MAX_LEN * d_model}
+  loop = _loop_computations(hlo)
+  assert 'dot(' in loop or 'convolution(' in loop or 'fusion(' in loop  # the step is there
+  transposed = [int(np.prod([int(d) for d in shape.split(',') if d]))
+                for shape in re.findall(r'= \w+\[([\d,]*)\][^\n]*? transpose\(', loop)]
+  assert not cache_sizes & set(transposed), transposed
+
+
 @pytest.mark.parametrize('positional', ['learned', 'sinusoidal'])
 def test_gpt_cached_logits_of_left_padded_prompts_match_unpadded_forward(positional):
   """Every step's logits when generate's cache runs a batch of left-padded prompts equal those of
@@ -272,6 +307,27 @@ PROBS = np.array([0.0, 0.4, 0.25, 0.15, 0.1, 0.06, 0.04])  # index 0 is pad
 def kept(**kwargs):
   logits = jnp.log(jnp.asarray(PROBS[1:]))  # without pad: filter_logits knows nothing of it
   return set(np.flatnonzero(np.isfinite(decode.filter_logits(logits, **kwargs))) + 1)
+
+
+def test_best_extensions_are_the_best_of_every_beam_and_token():
+  # The definition: rank all K * V (beam, token) pairs by the beam's log-prob plus the token's
+  # log-softmax (pad excluded). Sentence 0's best extensions all come from its first beam.
+  rng = np.random.default_rng(0)
+  batch, k, vocab, count = 3, 4, 50, 8
+  live = -np.sort(rng.exponential(size=(batch, k)), axis=1)
+  live[0, 1:] -= 100.0
+  logits = 3.0 * rng.normal(size=(batch * k, vocab)).astype(np.float32)
+  masked = np.where(np.arange(vocab) == PAD_ID, -np.inf, logits)
+  top = masked.max(axis=1, keepdims=True)
+  log_probs = masked - top - np.log(np.exp(masked - top).sum(axis=1, keepdims=True))
+  flat = (live[..., None] + log_probs.reshape(batch, k, vocab)).reshape(batch, k * vocab)
+  best = np.argsort(-flat, axis=1, kind='stable')[:, :count]
+  scores, beams, tokens = decode.best_extensions(jnp.asarray(live, jnp.float32),
+                                                 jnp.asarray(logits), count)
+  np.testing.assert_array_equal(beams, best // vocab)
+  np.testing.assert_array_equal(tokens, best % vocab)
+  np.testing.assert_allclose(scores, np.take_along_axis(flat, best, axis=1), rtol=1e-5)
+  assert (np.asarray(beams)[0] == 0).all()
 
 
 def test_filter_logits_keeps_top_k_and_nucleus():

@@ -16,7 +16,7 @@ from transformer import attention_kinds, masks, norms, positions, precision
 Array = jnp.ndarray
 xavier = nn.initializers.xavier_uniform()
 # Cache entries of a cross-attention's keys and values (fixed_kv): the same for every beam of an
-# example, so beam search need not reorder them (decode._take_rows).
+# example, so beam search need not reorder them (decode._take_parents).
 FIXED_KV_CACHE = ('fixed_key', 'fixed_value')
 
 
@@ -364,16 +364,22 @@ class MultiHeadAttention(nn.Module):
 
   def _fixed_kv_cache(self, keys_values, cache_index):
     """fixed_kv's keys and values: keys_values() while the cache has none (the init call, which
-    only sizes the cache, and the first call after it, which stores them), then the cache's."""
+    only sizes the cache, and the first call after it, which stores them), then the cache's.
+
+    The cache holds them as [B, G, E, K], the layout in which XLA:CPU's products of a decoding
+    step's query read them; held in another, both were copied into it at every step (a sixth of
+    a beam step's time). The optimization barrier keeps XLA from moving the transpose that
+    stores them into the decoding loop, where it would run at every step again."""
     suffix = '' if cache_index is None else f'_{cache_index}'
     names = [name + suffix for name in FIXED_KV_CACHE]
     if self.is_initializing() or not self.has_variable('cache', names[0]):
       pair = keys_values()
       if not self.is_initializing():
-        for name, value in zip(names, pair):
-          self.put_variable('cache', name, value)
+        for name, x_BxKxGxE in zip(names, pair):
+          x_BxGxExK = jax.lax.optimization_barrier(jnp.transpose(x_BxKxGxE, (0, 2, 3, 1)))
+          self.put_variable('cache', name, x_BxGxExK)
       return pair
-    return tuple(self.get_variable('cache', name) for name in names)
+    return tuple(jnp.transpose(self.get_variable('cache', name), (0, 3, 1, 2)) for name in names)
 
   def _update_cache(self, k_BxQxHxE, v_BxQxHxE, cache_slot, cache_index):
     """Writes the new keys/values at slot `cache_slot` and returns the whole cache; with a ring
@@ -384,8 +390,10 @@ class MultiHeadAttention(nn.Module):
     """
     suffix = '' if cache_index is None else f'_{cache_index}'
     initialized = self.has_variable('cache', f'cached_key{suffix}')
-    batch, _, heads, head_dim = k_BxQxHxE.shape
-    shape = (k_BxQxHxE.shape if self.ring_cache_size is None
+    batch, length, heads, head_dim = k_BxQxHxE.shape
+    # The linear cache is held head-major, [B, H, C, E]: the layout of attention's batched
+    # products, which would otherwise copy the whole cache into it at every decoding step.
+    shape = ((batch, heads, length, head_dim) if self.ring_cache_size is None
              else (batch, self.ring_cache_size, heads, head_dim))
     key_cache = self.variable('cache', f'cached_key{suffix}', jnp.zeros, shape, k_BxQxHxE.dtype)
     value_cache = self.variable('cache', f'cached_value{suffix}', jnp.zeros, shape,
@@ -401,10 +409,11 @@ class MultiHeadAttention(nn.Module):
       return read
     if not initialized:  # The init call only sizes the cache.
       return k_BxQxHxE, v_BxQxHxE
-    start = (0, cache_slot, 0, 0)
-    key_cache.value = jax.lax.dynamic_update_slice(key_cache.value, k_BxQxHxE, start)
-    value_cache.value = jax.lax.dynamic_update_slice(value_cache.value, v_BxQxHxE, start)
-    return key_cache.value, value_cache.value
+    start = (0, 0, cache_slot, 0)
+    for cache, new_BxQxHxE in ((key_cache, k_BxQxHxE), (value_cache, v_BxQxHxE)):
+      cache.value = jax.lax.dynamic_update_slice(cache.value, jnp.swapaxes(new_BxQxHxE, 1, 2),
+                                                 start)
+    return jnp.swapaxes(key_cache.value, 1, 2), jnp.swapaxes(value_cache.value, 1, 2)
 
 
 class DecodeCursor(nn.Module):

@@ -265,17 +265,42 @@ def _keep_best(k: int, scores_BxM: Array, *arrays_BxM):
       for a in arrays_BxM)
 
 
-def _take_rows(state, rows_N: Array):
-  """Each beam's decoder state from its parent's: rows_N of every leaf with rows (a scanned
-  stack's cache leaves hold its layers first, [layers, N, ...]); scalars are shared, and so are
-  the cross-attention's keys and values, the same for every beam of an example."""
+def _take_parents(state, parent_BxK: Array):
+  """Each beam's decoder state from its parent's: row b * K + parent_BxK[b, k] for row b * K + k
+  of every leaf with rows (a scanned stack's cache leaves hold its layers first, [layers, N,
+  ...]); scalars are shared, and so are the cross-attention's keys and values, the same for
+  every beam of an example. A parent is a beam of the same example, so the rows are taken within
+  each example ([B, K] apart): split over devices by example, no device reads another's rows."""
+  batch, k = parent_BxK.shape
+
   def take(path, x):
     if not x.ndim or getattr(path[-1], 'key', None) in FIXED_KV_CACHE:
       return x
-    scanned = any(getattr(key, 'key', None) == SCANNED_LAYERS for key in path)
-    return jnp.take(x, rows_N, axis=int(scanned))
+    axis = int(any(getattr(key, 'key', None) == SCANNED_LAYERS for key in path))
+    x_BxKx = x.reshape(x.shape[:axis] + (batch, k) + x.shape[axis + 1:])
+    parent = parent_BxK.reshape((1,) * axis + (batch, k) + (1,) * (x.ndim - axis - 1))
+    return jnp.take_along_axis(x_BxKx, parent, axis=axis + 1).reshape(x.shape)
 
   return jax.tree_util.tree_map_with_path(take, state)
+
+
+def best_extensions(live_log_probs_BxK: Array, logits_NxV: Array, count: int):
+  """The `count` best one-token extensions of K live beams, best first: their scores (the beam's
+  log-prob plus the token's) [B, C], beams [B, C] and tokens [B, C], C = count; rows N = B * K.
+
+  Each of the best `count` of all K * V extensions is among the best `count` of its own beam, so
+  each beam's tokens are ranked first (by logit, the order of their log-probs) and only those
+  K * count are scored and ranked: a beam step never adds K * V scores or sorts them together.
+  """
+  batch, k = live_log_probs_BxK.shape
+  logits_NxV = _mask_pad(logits_NxV)
+  per_beam = min(count, logits_NxV.shape[-1])
+  top_logits_NxM, top_tokens_NxM = lax.top_k(logits_NxV, per_beam)
+  log_probs_NxM = top_logits_NxM - jax.nn.logsumexp(logits_NxV, axis=-1, keepdims=True)
+  scores_BxKxM = live_log_probs_BxK[..., None] + log_probs_NxM.reshape(batch, k, per_beam)
+  scores_BxC, index_BxC = lax.top_k(scores_BxKxM.reshape(batch, k * per_beam), count)
+  tokens_BxC = jnp.take_along_axis(top_tokens_NxM.reshape(batch, k * per_beam), index_BxC, axis=1)
+  return scores_BxC, index_BxC // per_beam, tokens_BxC
 
 
 class _Beams(NamedTuple):
@@ -315,12 +340,9 @@ def beam_search(model, params, inputs_BxS, *, max_len: int, beam_size: int,
     t = beams.t
     last_N = lax.dynamic_index_in_dim(beams.live_BxKxT1, t, axis=2, keepdims=False).reshape(-1)
     logits_NxV, state = decoder.step(beams.state, last_N[:, None])
-    vocab = logits_NxV.shape[-1]
-    scores_BxKxV = (beams.live_log_probs_BxK[..., None]
-                    + token_log_probs(logits_NxV).reshape(batch, k, vocab))
     # 2K candidates: even if K of them end with eos, K others can go on.
-    scores_Bx2K, index_Bx2K = lax.top_k(scores_BxKxV.reshape(batch, k * vocab), 2 * k)
-    beam_Bx2K, token_Bx2K = index_Bx2K // vocab, index_Bx2K % vocab
+    scores_Bx2K, beam_Bx2K, token_Bx2K = best_extensions(beams.live_log_probs_BxK, logits_NxV,
+                                                         2 * k)
     seqs_Bx2KxT1 = jnp.take_along_axis(beams.live_BxKxT1, beam_Bx2K[..., None], axis=1)
     seqs_Bx2KxT1 = seqs_Bx2KxT1.at[:, :, t + 1].set(token_Bx2K)
     ended_Bx2K = token_Bx2K == eos_id
@@ -335,8 +357,7 @@ def beam_search(model, params, inputs_BxS, *, max_len: int, beam_size: int,
     live_log_probs_BxK, live_BxKxT1, parent_BxK = _keep_best(
         k, jnp.where(ended_Bx2K, -jnp.inf, scores_Bx2K), seqs_Bx2KxT1, beam_Bx2K)
 
-    rows_N = (jnp.arange(batch)[:, None] * k + parent_BxK).reshape(-1)
-    state = _take_rows(state, rows_N)
+    state = _take_parents(state, parent_BxK)
     return _Beams(t + 1, state, live_BxKxT1, live_log_probs_BxK, finished_BxKxT1,
                   finished_scores_BxK)
 
