@@ -51,6 +51,12 @@ def tiny_models():
   return {variant: make_model(variant) for variant in CONFIGS}
 
 
+def log_probs_without_pad(logits):
+  """Next-token log-probabilities as decoding scores them: pad is never generated."""
+  return jax.nn.log_softmax(jnp.where(jnp.arange(logits.shape[-1]) == PAD_ID, -jnp.inf, logits),
+                            axis=-1)
+
+
 def up_to_eos(tokens_BxT, eos_id=EOS):
   """Where the output is generated: up to and including the first eos."""
   is_eos = np.asarray(tokens_BxT) == eos_id
@@ -105,7 +111,7 @@ def test_greedy_is_argmax_of_full_forward(tiny_models, variant):
   assert_well_formed(tokens)
   for prompt, row in zip(prompts, tokens):
     logits = full_forward_logits(variant, model, params, prompt, row[None])
-    best = np.argmax(decode.token_log_probs(logits[0]), axis=-1)
+    best = np.argmax(log_probs_without_pad(logits[0]), axis=-1)
     generated = up_to_eos(row[None])[0]
     np.testing.assert_array_equal(best[generated], np.asarray(row)[generated])
 
@@ -285,7 +291,7 @@ def test_wide_beam_finds_brute_force_best(variant, alpha, eos_id, seed, best_len
   penalty = ((5.0 + lengths) / 6.0) ** alpha
   for b, source in enumerate(sources):
     logits = full_forward_logits(variant, model, params, source, jnp.asarray(targets))
-    log_probs = jnp.take_along_axis(decode.token_log_probs(logits), targets[..., None], -1)[..., 0]
+    log_probs = jnp.take_along_axis(log_probs_without_pad(logits), targets[..., None], -1)[..., 0]
     in_output = np.arange(max_len)[None] < lengths[:, None]
     log_prob = np.where(in_output, log_probs, 0.0).sum(-1)
     brute = log_prob / penalty
@@ -362,7 +368,7 @@ def test_sampled_tokens_lie_in_the_model_filtered_set(tiny_models):
                            temperature=1.0, rng=jax.random.key(0), **settings)
   assert_well_formed(tokens, decode.EOS_ID)
   logits = full_forward_logits('gpt_causal', model, params, prompt, tokens)
-  allowed = np.isfinite(decode.filter_logits(decode.token_log_probs(logits), **settings))
+  allowed = np.isfinite(decode.filter_logits(log_probs_without_pad(logits), **settings))
   chosen_allowed = np.take_along_axis(allowed, np.asarray(tokens)[..., None], -1)[..., 0]
   assert np.all(chosen_allowed[up_to_eos(tokens, decode.EOS_ID)])
   assert len({tuple(row) for row in np.asarray(tokens)}) > 1  # samples differ
@@ -384,7 +390,7 @@ def test_fill_mask_returns_top_predictions_at_masks(tiny_models):
   ids, probs = decode.fill_mask(model, params, inputs, top_k=3)
   assert ids.shape == probs.shape == (1, 5, 3)
   logits = apply_model(model, params, inputs)
-  expected = jax.nn.softmax(decode.token_log_probs(logits), -1)
+  expected = jax.nn.softmax(log_probs_without_pad(logits), -1)
   for pos in (1, 3):
     np.testing.assert_array_equal(ids[0, pos], np.argsort(-expected[0, pos])[:3])
     np.testing.assert_allclose(probs[0, pos], np.sort(expected[0, pos])[::-1][:3], rtol=1e-5)

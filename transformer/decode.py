@@ -69,11 +69,6 @@ def _mask_pad(logits_NxV: Array) -> Array:
   return logits_NxV.at[..., PAD_ID].set(-jnp.inf)
 
 
-def token_log_probs(logits_NxV: Array) -> Array:
-  """Next-token log-probabilities as decoding scores them (pad excluded)."""
-  return jax.nn.log_softmax(_mask_pad(logits_NxV), axis=-1)
-
-
 def gnmt_length_penalty(length, alpha: float):
   """GNMT's lp = ((5 + length) / 6) ** alpha; beam scores are log-prob / lp."""
   return ((5.0 + length) / 6.0) ** alpha
