@@ -323,9 +323,7 @@ def test_best_extensions_are_the_best_of_every_beam_and_token():
   live = -np.sort(rng.exponential(size=(batch, k)), axis=1)
   live[0, 1:] -= 100.0
   logits = 3.0 * rng.normal(size=(batch * k, vocab)).astype(np.float32)
-  masked = np.where(np.arange(vocab) == PAD_ID, -np.inf, logits)
-  top = masked.max(axis=1, keepdims=True)
-  log_probs = masked - top - np.log(np.exp(masked - top).sum(axis=1, keepdims=True))
+  log_probs = np.asarray(log_probs_without_pad(jnp.asarray(logits)))
   flat = (live[..., None] + log_probs.reshape(batch, k, vocab)).reshape(batch, k * vocab)
   best = np.argsort(-flat, axis=1, kind='stable')[:, :count]
   scores, beams, tokens = decode.best_extensions(jnp.asarray(live, jnp.float32),

@@ -89,7 +89,7 @@ def run_eval(config, workdir: str, split: str, which: str = 'latest', *,
   """
   ctx, params, steps = restored or restore(config, workdir, which)
   result = dict(split=split, step=steps[-1], checkpoint=which, averaged_steps=steps,
-                **(losses or split_losses(ctx, params, split)))
+                **(split_losses(ctx, params, split) if losses is None else losses))
   if variants.get(config.variant).translates:
     scores, hypotheses = evaluate.translation_scores(ctx, params, split,
                                                      beam_size=config.beam_size,
