@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from configs import gpt_causal
+from configs import gpt_causal, original
 from transformer import config_checks, errors, precision, variants
 
 VOCAB = 50
@@ -21,23 +21,39 @@ def rounded(x):
   return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
 
 
-def test_bfloat16_product_and_its_gradients_are_rounded_inputs_summed_in_float32():
-  a = jax.random.normal(jax.random.key(0), (3, 5, 64))
-  b = jax.random.normal(jax.random.key(1), (64, 7))
-  g = jax.random.normal(jax.random.key(2), (3, 5, 7))  # the cotangent of the product
-  out, vjp = jax.vjp(lambda a, b: precision.einsum('bln,nf->blf', a, b, jnp.bfloat16), a, b)
-  da, db = vjp(g)
+# A dense layer's product, then attention's four batched products (scores and their sum of
+# values, with grouped-query heads too): the keys' and values' gradients of the first two sum over
+# the query axis, last in neither operand (precision._narrow_product moves it on the CPU backend).
+PRODUCTS = {'bln,nf->blf': ((3, 5, 64), (64, 7)),
+            'bqhe,bkhe->bhqk': ((2, 5, 3, 8), (2, 6, 3, 8)),
+            'bhqk,bkhe->bqhe': ((2, 3, 5, 6), (2, 6, 3, 8)),
+            'bqgre,bkge->bgrqk': ((2, 5, 1, 3, 8), (2, 6, 1, 8)),
+            'bgrqk,bkge->bqgre': ((2, 1, 3, 5, 6), (2, 6, 1, 8))}
+
+
+@pytest.mark.parametrize('spec', PRODUCTS)
+def test_bfloat16_product_and_its_gradients_are_rounded_inputs_summed_in_float32(spec):
+  (a_spec, b_spec), out_spec = spec.split('->')[0].split(','), spec.split('->')[1]
+  a = jax.random.normal(jax.random.key(0), PRODUCTS[spec][0])
+  b = jax.random.normal(jax.random.key(1), PRODUCTS[spec][1])
+  g = jax.random.normal(jax.random.key(2), np.einsum(spec, np.zeros(a.shape),  # the cotangent
+                                                     np.zeros(b.shape)).shape)
+
+  def forward_backward(a, b, g):
+    out, vjp = jax.vjp(lambda a, b: precision.einsum(spec, a, b, jnp.bfloat16), a, b)
+    return (out, *vjp(g))
+
+  out, da, db = jax.jit(forward_backward)(a, b, g)
   assert out.dtype == da.dtype == db.dtype == jnp.float32
   # The definition: each product's two inputs rounded to bfloat16, the sums exact (float32's
   # rounding is far below the tolerance); in the backward pass the cotangent is such an input.
-  np.testing.assert_allclose(out, np.einsum('bln,nf->blf', rounded(a), rounded(b)), rtol=1e-5,
-                             atol=1e-5)
-  np.testing.assert_allclose(da, np.einsum('blf,nf->bln', rounded(g), rounded(b)), rtol=1e-5,
-                             atol=1e-5)
-  np.testing.assert_allclose(db, np.einsum('bln,blf->nf', rounded(a), rounded(g)), rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(out, np.einsum(spec, rounded(a), rounded(b)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(da, np.einsum(f'{out_spec},{b_spec}->{a_spec}', rounded(g),
+                                           rounded(b)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(db, np.einsum(f'{a_spec},{out_spec}->{b_spec}', rounded(a),
+                                           rounded(g)), rtol=1e-5, atol=1e-5)
   # And not float32's products.
-  assert not np.allclose(out, np.einsum('bln,nf->blf', np.float64(a), np.float64(b)), rtol=1e-5,
+  assert not np.allclose(out, np.einsum(spec, np.float64(a), np.float64(b)), rtol=1e-5,
                          atol=1e-5)
 
 
@@ -61,11 +77,39 @@ def test_every_product_of_a_bfloat16_train_step_has_bfloat16_inputs_and_float32_
   kernels = [p for path, p in jax.tree_util.tree_leaves_with_path(params)
              if path[-1].key == 'kernel']
   assert config.tie_output  # the output product with the embedding table
-  assert sum(ops == ('bf16', 'bf16') for ops, _ in found) == 3 * (len(kernels) + 1)
+  # Attention's two batched products per layer too, on every backend.
+  attention = 3 * 2 * config.num_layers
+  assert sum(ops == ('bf16', 'bf16') for ops, _ in found) == 3 * (len(kernels) + 1) + attention
+  assert len(found) == 3 * (len(kernels) + 1) + attention
   assert all(out == 'f32' for _, out in found)
-  # Attention's batched products stay float32 on the CPU backend (precision.py says why).
-  assert jax.default_backend() == 'cpu'
-  assert sum(ops == ('f32', 'f32') for ops, _ in found) == 3 * 2 * config.num_layers
+
+
+# Attention as each kind computes it (its blocks, parts or projections), grouped-query heads, a
+# per-head bias, and an encoder-decoder's cross-attention.
+KINDS = {'full': dict(), 'grouped_query': dict(num_kv_heads=1),
+         'local': dict(attention_kind='local', attention_window=4),
+         'strided': dict(attention_kind='strided', attention_window=4),
+         'low_rank': dict(attention_kind='low_rank', low_rank_dim=8),
+         'relative_bias': dict(positional='relative_bias'), 'fused': dict(attention_impl='auto')}
+
+
+@pytest.mark.parametrize('variant, kind', [('gpt_causal', k) for k in KINDS] +
+                         [('original', 'full')])
+def test_bfloat16_gradients_run_and_stay_near_float32s_for_every_attention(variant, kind):
+  config = {'gpt_causal': gpt_causal, 'original': original}[variant].get_config('tiny')
+  config.update(KINDS[kind])
+  x = jax.random.randint(jax.random.key(0), (2, 16), 4, VOCAB)
+  inputs = (x,) if variant == 'gpt_causal' else (x, x)
+  grads = {}
+  for dtype in ('float32', 'bfloat16'):
+    config.dtype = dtype
+    model = variants.build_model(config, VOCAB)
+    params = nn.unbox(model.init(jax.random.key(1), *inputs)['params'])  # the same for both
+    grads[dtype] = jax.jit(jax.grad(
+        lambda p: jnp.mean(model.apply({'params': p}, *inputs) ** 2)))(params)
+  for f32, bf16 in zip(jax.tree.leaves(grads['float32']), jax.tree.leaves(grads['bfloat16'])):
+    assert np.linalg.norm(bf16 - f32) <= 0.05 * np.linalg.norm(f32)  # bfloat16's rounding
+    assert np.any(bf16 != f32)  # it really computed in bfloat16
 
 
 def test_bfloat16_model_keeps_float32_parameters_and_logits_near_float32s():

@@ -96,11 +96,6 @@ class MultiHeadAttention(nn.Module):
   num_global_tokens: int = 0  # Local attention: the first this many tokens are global.
   fixed_kv: bool = False  # Cross-attention: decoding projects kv once and caches the result.
 
-  @property
-  def product_dtype(self):
-    """The input dtype of the score and value products (precision.attention_product_dtype)."""
-    return precision.attention_product_dtype(self.dtype)
-
   @nn.compact
   def __call__(self, x_BxQxD: Array, kv_BxKxD: Array, mask_Bx1xQxK: Optional[Array], *,
                deterministic: bool, decode: bool = False, cache_slot: Optional[Array] = None,
@@ -290,7 +285,7 @@ class MultiHeadAttention(nn.Module):
                             ('value_length_projection', v_BxKxGxE)):
       e_RxM = self.param(name, init, (self.low_rank_dim, self.max_len), jnp.float32)
       projected.append(precision.einsum('rk,bkge->brge', e_RxM[:, :length],
-                                        x_BxKxGxE * keep_BxKx1x1, self.product_dtype))
+                                        x_BxKxGxE * keep_BxKx1x1, self.dtype))
     return tuple(projected)
 
   def _attend(self, q_BxQxHxE, k_BxKxGxE, v_BxKxGxE, mask_Bx1xQxK, logit_bias_BxHxQxK,
@@ -301,7 +296,7 @@ class MultiHeadAttention(nn.Module):
     if self.impl != 'xla' and not self.is_mutable_collection('intermediates'):
       if self.dropout_rate and not deterministic:
         raise ValueError(f'attention_impl={self.impl} has no attention dropout; use xla.')
-      narrow = lambda x: None if x is None else x.astype(self.product_dtype)  # as the einsums'
+      narrow = lambda x: None if x is None else x.astype(self.dtype)  # as the einsums'
       out_BxQxHxE = jax.nn.dot_product_attention(
           narrow(q_BxQxHxE), narrow(k_BxKxGxE), narrow(v_BxKxGxE),
           bias=narrow(logit_bias_BxHxQxK), mask=mask_Bx1xQxK,
@@ -330,12 +325,11 @@ class MultiHeadAttention(nn.Module):
     num_k, num_kv_heads = k_BxKxGxE.shape[1], k_BxKxGxE.shape[2]
     groups = num_heads // num_kv_heads
     if groups == 1:
-      logits_BxHxQxK = precision.einsum('bqhe,bkhe->bhqk', q_BxQxHxE, k_BxKxGxE,
-                                        self.product_dtype)
+      logits_BxHxQxK = precision.einsum('bqhe,bkhe->bhqk', q_BxQxHxE, k_BxKxGxE, self.dtype)
     else:  # query head h = g * groups + r reads key/value head g
       q_BxQxGxRxE = q_BxQxHxE.reshape(batch, num_q, num_kv_heads, groups, head_dim)
       logits_BxHxQxK = precision.einsum('bqgre,bkge->bgrqk', q_BxQxGxRxE, k_BxKxGxE,
-                                        self.product_dtype).reshape(
+                                        self.dtype).reshape(
           batch, num_heads, num_q, num_k)
     if self.scale_logits:
       logits_BxHxQxK = logits_BxHxQxK / jnp.sqrt(jnp.asarray(head_dim, jnp.float32))
@@ -355,12 +349,10 @@ class MultiHeadAttention(nn.Module):
     groups = num_heads // num_kv_heads
     dropped_BxHxQxK = nn.Dropout(self.dropout_rate)(weights_BxHxQxK, deterministic=deterministic)
     if groups == 1:
-      return precision.einsum('bhqk,bkhe->bqhe', dropped_BxHxQxK, v_BxKxGxE,
-                              self.product_dtype)
+      return precision.einsum('bhqk,bkhe->bqhe', dropped_BxHxQxK, v_BxKxGxE, self.dtype)
     dropped_BxGxRxQxK = dropped_BxHxQxK.reshape(batch, num_kv_heads, groups, num_q, num_k)
     return precision.einsum('bgrqk,bkge->bqgre', dropped_BxGxRxQxK, v_BxKxGxE,
-                            self.product_dtype).reshape(
-        batch, num_q, num_heads, head_dim)
+                            self.dtype).reshape(batch, num_q, num_heads, head_dim)
 
   def _fixed_kv_cache(self, keys_values, cache_index):
     """fixed_kv's keys and values: keys_values() while the cache has none (the init call, which

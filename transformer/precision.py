@@ -42,8 +42,9 @@ def _mixed_einsum(spec, dtype, a, b):
 
 def _mixed_einsum_forward(spec, dtype, a, b):
   a_n, b_n = a.astype(dtype), b.astype(dtype)  # kept narrow for the backward pass
-  out = jnp.einsum(spec, a_n, b_n, preferred_element_type=jnp.float32)
-  return out, (a_n, b_n)
+  inputs, out_spec = spec.split('->')
+  a_spec, b_spec = inputs.split(',')
+  return _narrow_product(a_spec, a_n, b_spec, b_n, out_spec), (a_n, b_n)
 
 
 def _mixed_einsum_backward(spec, dtype, saved, g):
@@ -53,21 +54,37 @@ def _mixed_einsum_backward(spec, dtype, saved, g):
   inputs, out = spec.split('->')
   a_spec, b_spec = inputs.split(',')
   g_n = g.astype(dtype)
-  da = jnp.einsum(f'{out},{b_spec}->{a_spec}', g_n, b_n, preferred_element_type=jnp.float32)
-  db = jnp.einsum(f'{a_spec},{out}->{b_spec}', a_n, g_n, preferred_element_type=jnp.float32)
-  return da, db
+  return (_narrow_product(out, g_n, b_spec, b_n, a_spec),
+          _narrow_product(a_spec, a_n, out, g_n, b_spec))
+
+
+def _narrow_product(x_spec: str, x: Array, y_spec: str, y: Array, out_spec: str) -> Array:
+  """einsum(x_spec,y_spec->out_spec) of narrow inputs with a float32 result.
+
+  XLA:CPU runs a batched narrow product only where an operand holds the summed axes last (here
+  always the left one); otherwise it fails ("Unsupported element type for DotThunk: BF16 x BF16
+  = F32"). Attention's backward pass has two such products, the gradients of its keys (dS^T Q)
+  and of its values (P^T dO): they sum over the query axis, last in neither operand. On the CPU
+  backend the smaller operand of such a product is transposed to hold the summed axes last, in
+  memory: behind an optimization barrier, as XLA would otherwise fold the transpose back into
+  the product.
+  """
+  summed = ''.join(c for c in x_spec if c in y_spec and c not in out_spec)
+  batched = any(c in y_spec and c in out_spec for c in x_spec)
+  summed_last = lambda spec: spec.endswith(''.join(c for c in spec if c in summed))
+  if batched and jax.default_backend() == 'cpu' and not summed_last(x_spec):
+    if not summed_last(y_spec):
+      if y.size < x.size:
+        x_spec, x, y_spec, y = y_spec, y, x_spec, x
+      moved = ''.join(c for c in x_spec if c not in summed) + summed
+      x = jax.lax.optimization_barrier(jnp.einsum(f'{x_spec}->{moved}', x))
+      x_spec = moved
+    else:
+      x_spec, x, y_spec, y = y_spec, y, x_spec, x
+  return jnp.einsum(f'{x_spec},{y_spec}->{out_spec}', x, y, preferred_element_type=jnp.float32)
 
 
 _mixed_einsum.defvjp(_mixed_einsum_forward, _mixed_einsum_backward)
-
-
-def attention_product_dtype(dtype):
-  """The dtype of attention's batched products (scores, their sum of values, Linformer's
-  projections): `dtype`, but float32 on the CPU backend, where XLA:CPU has no kernel for some
-  batched bfloat16 products with a float32 result (attention's backward pass fails with
-  "Unsupported element type for DotThunk: BF16 x BF16 = F32"). Where attention weighs much
-  (long rows, many heads), a CPU step is then bound by these float32 products."""
-  return jnp.float32 if jax.default_backend() == 'cpu' else dtype
 
 
 def dense_product(dtype):
