@@ -195,11 +195,13 @@ def _loop_computations(hlo: str) -> str:
   return '\n'.join(computations[name] for name in seen)
 
 
-def test_beam_steps_copy_no_cache_into_another_layout():
-  """The caches are held in the layouts the decoding step's products read: inside the token loop
-  no transpose makes an array the size of a cache (the cross-attention's keys or values, or the
-  self-attention's); each such copy would rewrite the whole cache at every step."""
-  model, params = make_model('original')
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_beam_steps_copy_no_cache_into_another_layout_or_dtype(dtype):
+  """The caches are held in the layouts and the dtype that the decoding step's products read:
+  inside the token loop no transpose makes an array the size of a cache (the cross-attention's
+  keys or values, or the self-attention's), and the program converts none to another dtype; each
+  such copy would rewrite the whole cache at every step."""
+  model, params = make_model('original', dtype=dtype)
   beams, source_len = 3, 11
   sources = jnp.ones((2, source_len), jnp.int32)
   hlo = decode.translate.lower(model, params, sources, max_len=MAX_LEN, beam_size=beams,
@@ -211,6 +213,27 @@ def test_beam_steps_copy_no_cache_into_another_layout():
   transposed = [int(np.prod([int(d) for d in shape.split(',') if d]))
                 for shape in re.findall(r'= \w+\[([\d,]*)\][^\n]*? transpose\(', loop)]
   assert not cache_sizes & set(transposed), transposed
+  # Conversions as the program states them (XLA:CPU adds its own around products and selects
+  # that it runs in float32): none of a whole cache.
+  jaxpr = jax.make_jaxpr(lambda p, s: decode.translate(model, p, s, max_len=MAX_LEN,
+                                                       beam_size=beams, eos_id=EOS))(params,
+                                                                                     sources)
+  converted = [int(np.prod(eqn.invars[0].aval.shape)) for eqn in _equations(jaxpr.jaxpr)
+               if eqn.primitive.name == 'convert_element_type']
+  assert not cache_sizes & set(converted), converted
+
+
+def _equations(jaxpr, in_loop=False):
+  """The equations that run inside while loops, in a jaxpr and in the jaxprs its equations hold
+  (loop bodies, jitted calls)."""
+  for eqn in jaxpr.eqns:
+    if in_loop:
+      yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, 'jaxpr', sub)
+        if hasattr(sub, 'eqns'):
+          yield from _equations(sub, in_loop or eqn.primitive.name == 'while')
 
 
 @pytest.mark.parametrize('positional', ['learned', 'sinusoidal'])

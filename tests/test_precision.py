@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import gpt_causal, original
-from transformer import config_checks, errors, precision, variants
+from transformer import config_checks, decode, errors, precision, variants
 
 VOCAB = 50
 
@@ -86,7 +86,7 @@ def test_every_product_of_a_bfloat16_train_step_has_bfloat16_inputs_and_float32_
 
 # Attention as each kind computes it (its blocks, parts or projections), grouped-query heads, a
 # per-head bias, and an encoder-decoder's cross-attention.
-KINDS = {'full': dict(), 'grouped_query': dict(num_kv_heads=1),
+KINDS = {'full': dict(), 'grouped_query': dict(num_heads=4, num_kv_heads=2),
          'local': dict(attention_kind='local', attention_window=4),
          'strided': dict(attention_kind='strided', attention_window=4),
          'low_rank': dict(attention_kind='low_rank', low_rank_dim=8),
@@ -110,6 +110,35 @@ def test_bfloat16_gradients_run_and_stay_near_float32s_for_every_attention(varia
   for f32, bf16 in zip(jax.tree.leaves(grads['float32']), jax.tree.leaves(grads['bfloat16'])):
     assert np.linalg.norm(bf16 - f32) <= 0.05 * np.linalg.norm(f32)  # bfloat16's rounding
     assert np.any(bf16 != f32)  # it really computed in bfloat16
+
+
+@pytest.mark.parametrize('kind', [k for k in KINDS if k != 'low_rank'])  # low_rank: no cache
+def test_bfloat16_cached_decoding_runs_and_stays_near_float32s_for_every_attention(kind):
+  """Decoding through the key/value cache runs in bfloat16 on the CPU for every attention with a
+  cache (XLA:CPU once failed on grouped-query attention's sum of the values over the cache), and
+  each step's logits, the same tokens fed to both, stay near float32's."""
+  config = gpt_causal.get_config('tiny')
+  config.update(KINDS[kind])
+  tokens = jax.random.randint(jax.random.key(0), (2, 12), 4, VOCAB)
+  logits = {}
+  for dtype in ('float32', 'bfloat16'):
+    config.dtype = dtype
+    model = variants.build_model(config, VOCAB)
+    params = nn.unbox(model.init(jax.random.key(1), tokens)['params'])  # the same for both
+
+    @jax.jit
+    def steps(params):
+      decoder = decode._single_stack(model, params, tokens[:, :4], max_len=8, copies=1,
+                                     use_cache=True)
+      state, logits_BxV = decoder.state, []
+      for t in range(4, 12):
+        step_logits_BxV, state = decoder.step(state, tokens[:, t:t + 1])
+        logits_BxV.append(step_logits_BxV)
+      return jnp.stack(logits_BxV, axis=1)
+
+    logits[dtype] = steps(params)
+  np.testing.assert_allclose(logits['bfloat16'], logits['float32'], atol=0.1, rtol=0.1)
+  assert not np.allclose(logits['bfloat16'], logits['float32'], atol=1e-6)  # really bfloat16
 
 
 def test_bfloat16_model_keeps_float32_parameters_and_logits_near_float32s():

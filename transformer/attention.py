@@ -358,14 +358,14 @@ class MultiHeadAttention(nn.Module):
     """fixed_kv's keys and values: keys_values() while the cache has none (the init call, which
     only sizes the cache, and the first call after it, which stores them), then the cache's.
 
-    The cache holds them as [B, G, E, K], the layout in which XLA:CPU's products of a decoding
-    step's query read them; held in another, both were copied into it at every step (a sixth of
+    The cache holds them as [B, G, E, K] in the products' input dtype, the layout and dtype in
+    which XLA:CPU's products of a decoding step's query read them; held in another, both were copied into it at every step (a sixth of
     a beam step's time). The optimization barrier keeps XLA from moving the transpose that
     stores them into the decoding loop, where it would run at every step again."""
     suffix = '' if cache_index is None else f'_{cache_index}'
     names = [name + suffix for name in FIXED_KV_CACHE]
     if self.is_initializing() or not self.has_variable('cache', names[0]):
-      pair = keys_values()
+      pair = tuple(x.astype(self.dtype) for x in keys_values())
       if not self.is_initializing():
         for name, x_BxKxGxE in zip(names, pair):
           x_BxGxExK = jax.lax.optimization_barrier(jnp.transpose(x_BxKxGxE, (0, 2, 3, 1)))
@@ -382,6 +382,9 @@ class MultiHeadAttention(nn.Module):
     """
     suffix = '' if cache_index is None else f'_{cache_index}'
     initialized = self.has_variable('cache', f'cached_key{suffix}')
+    # Held in the products' input dtype: what attention reads of them at every step, without a
+    # conversion of the whole cache each time, in half the memory under bfloat16.
+    k_BxQxHxE, v_BxQxHxE = k_BxQxHxE.astype(self.dtype), v_BxQxHxE.astype(self.dtype)
     batch, length, heads, head_dim = k_BxQxHxE.shape
     # The linear cache is held head-major, [B, H, C, E]: the layout of attention's batched
     # products, which would otherwise copy the whole cache into it at every decoding step.

@@ -29,33 +29,39 @@ def einsum(spec: str, a: Array, b: Array, dtype) -> Array:
   """jnp.einsum(spec, a, b), its inputs in `dtype` and its sums and result float32 when `dtype`
   is narrower than float32. spec names each axis once per operand, no ellipsis, and every axis
   of an input appears in the other input or the output (no axis summed within one input)."""
-  if jnp.dtype(dtype) == jnp.float32:
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.float32:
     return jnp.einsum(spec, a, b)
-  # float32 in: the cotangents come back float32, as the rest of the model is.
-  return _mixed_einsum(spec, jnp.dtype(dtype), a.astype(jnp.float32), b.astype(jnp.float32))
+  # An input already in `dtype` (a decoding cache held narrow) goes in as it is: an upcast to
+  # float32 here and a downcast inside would copy it at every use. Any other input goes in as
+  # float32, so that its cotangent comes back float32, as the rest of the model is.
+  widen = lambda x: x if x.dtype == dtype else x.astype(jnp.float32)
+  a, b = widen(a), widen(b)
+  return _mixed_einsum(spec, dtype, (a.dtype, b.dtype), a, b)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _mixed_einsum(spec, dtype, a, b):
-  return _mixed_einsum_forward(spec, dtype, a, b)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _mixed_einsum(spec, dtype, input_dtypes, a, b):
+  return _mixed_einsum_forward(spec, dtype, input_dtypes, a, b)[0]
 
 
-def _mixed_einsum_forward(spec, dtype, a, b):
+def _mixed_einsum_forward(spec, dtype, input_dtypes, a, b):
+  del input_dtypes  # the backward pass's
   a_n, b_n = a.astype(dtype), b.astype(dtype)  # kept narrow for the backward pass
   inputs, out_spec = spec.split('->')
   a_spec, b_spec = inputs.split(',')
   return _narrow_product(a_spec, a_n, b_spec, b_n, out_spec), (a_n, b_n)
 
 
-def _mixed_einsum_backward(spec, dtype, saved, g):
+def _mixed_einsum_backward(spec, dtype, input_dtypes, saved, g):
   # Without this rule JAX's own transposes would multiply the float32 cotangent with a narrow
   # input: a float32 product, the slow path. Here both backward products are narrow too.
   a_n, b_n = saved
   inputs, out = spec.split('->')
   a_spec, b_spec = inputs.split(',')
   g_n = g.astype(dtype)
-  return (_narrow_product(out, g_n, b_spec, b_n, a_spec),
-          _narrow_product(a_spec, a_n, out, g_n, b_spec))
+  return (_narrow_product(out, g_n, b_spec, b_n, a_spec).astype(input_dtypes[0]),
+          _narrow_product(a_spec, a_n, out, g_n, b_spec).astype(input_dtypes[1]))
 
 
 def _narrow_product(x_spec: str, x: Array, y_spec: str, y: Array, out_spec: str) -> Array:
@@ -68,11 +74,18 @@ def _narrow_product(x_spec: str, x: Array, y_spec: str, y: Array, out_spec: str)
   backend the smaller operand of such a product is transposed to hold the summed axes last, in
   memory: behind an optimization barrier, as XLA would otherwise fold the transpose back into
   the product.
+
+  It fails too where XLA folds a transpose of the result into the product's output layout, as it
+  did for grouped-query attention's sum of the values over a decoding cache. So on the CPU
+  backend a batched product's result comes out in the product's own order (batch axes, then the
+  left operand's, then the right one's), behind a barrier, and is transposed after it.
   """
   summed = ''.join(c for c in x_spec if c in y_spec and c not in out_spec)
-  batched = any(c in y_spec and c in out_spec for c in x_spec)
+  batch = ''.join(c for c in x_spec if c in y_spec and c in out_spec)
+  if not batch or jax.default_backend() != 'cpu':
+    return jnp.einsum(f'{x_spec},{y_spec}->{out_spec}', x, y, preferred_element_type=jnp.float32)
   summed_last = lambda spec: spec.endswith(''.join(c for c in spec if c in summed))
-  if batched and jax.default_backend() == 'cpu' and not summed_last(x_spec):
+  if not summed_last(x_spec):
     if not summed_last(y_spec):
       if y.size < x.size:
         x_spec, x, y_spec, y = y_spec, y, x_spec, x
@@ -81,7 +94,11 @@ def _narrow_product(x_spec: str, x: Array, y_spec: str, y: Array, out_spec: str)
       x_spec = moved
     else:
       x_spec, x, y_spec, y = y_spec, y, x_spec, x
-  return jnp.einsum(f'{x_spec},{y_spec}->{out_spec}', x, y, preferred_element_type=jnp.float32)
+  free = lambda spec: ''.join(c for c in spec if c not in batch and c not in summed)
+  own = batch + free(x_spec) + free(y_spec)
+  z = jnp.einsum(f'{x_spec},{y_spec}->{own}', x, y, preferred_element_type=jnp.float32)
+  return z if own == out_spec else jnp.einsum(f'{own}->{out_spec}',
+                                              jax.lax.optimization_barrier(z))
 
 
 _mixed_einsum.defvjp(_mixed_einsum_forward, _mixed_einsum_backward)
