@@ -359,9 +359,10 @@ class MultiHeadAttention(nn.Module):
     only sizes the cache, and the first call after it, which stores them), then the cache's.
 
     The cache holds them as [B, G, E, K] in the products' input dtype, the layout and dtype in
-    which XLA:CPU's products of a decoding step's query read them; held in another, both were copied into it at every step (a sixth of
-    a beam step's time). The optimization barrier keeps XLA from moving the transpose that
-    stores them into the decoding loop, where it would run at every step again."""
+    which XLA:CPU's products of a decoding step's query read them; held in another layout, both
+    were copied into it at every step (a sixth of a beam step's time). The optimization barrier
+    keeps XLA from moving the transpose that stores them into the decoding loop, where it would
+    run at every step again."""
     suffix = '' if cache_index is None else f'_{cache_index}'
     names = [name + suffix for name in FIXED_KV_CACHE]
     if self.is_initializing() or not self.has_variable('cache', names[0]):

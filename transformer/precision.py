@@ -3,10 +3,11 @@
 config.dtype=bfloat16 casts the two inputs of each product (dense layers, attention's two
 einsums, the output layer) to bfloat16 and asks for a float32 result (preferred_element_type),
 in the backward pass as in the forward. Everything else stays float32: parameters, activations
-between products, softmax, norms, the loss and the optimizer. Accumulating in float32 is how
-TPUs and GPUs run bfloat16, and it is what XLA:CPU's fast bfloat16 path needs: on a CPU with
-AMX or AVX512-BF16 a bfloat16 product with a bfloat16 result runs slower than float32, one
-with a float32 result several times faster.
+between products, softmax, norms, the loss and the optimizer. Decoding's key/value caches are
+held in the compute dtype (attention.py), and einsum reads an input already in it as it is.
+Accumulating in float32 is how TPUs and GPUs run bfloat16, and it is what XLA:CPU's fast
+bfloat16 path needs: on a CPU with AMX or AVX512-BF16 a bfloat16 product with a bfloat16 result
+runs slower than float32, one with a float32 result several times faster.
 
 dtype=float32 leaves every product as plain jnp.einsum. dtype=auto (the configs' default,
 compute_dtype) takes bfloat16 where this machine multiplies bfloat16 matrices at least
