@@ -1,6 +1,7 @@
 """Train step: sharded == single-device, accumulation == big batch, schedule, overfitting."""
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -166,9 +167,40 @@ def test_gradient_accumulation_weighs_tokens_not_micro_batches():
 def test_nonfinite_update_is_skipped_and_counted():
   config = tiny('gpt_causal', on_nonfinite='skip', learning_rate=1e30, schedule='constant',
                 warmup_steps=1, grad_clip_norm=0.0)
-  state, _ = run_steps(config, synthetic_batch('gpt_causal'), 3)
+  batch = synthetic_batch('gpt_causal')
+  mesh = sharding.make_mesh(config, None)
+  model, optimizer = variants.build_model(config, VOCAB), optim.make_optimizer(config)
+  _, shardings = train.abstract_state(model, optimizer, config, batch, mesh)
+  state = train.create_state(model, optimizer, config, batch, shardings)
+  step = train.jit_train_step(model, optimizer, config, mesh, shardings)
+  skipped = 0
+  for _ in range(3):  # the first update (rate 1e30) makes the next loss non-finite
+    before = jax.device_get((state.params, state.opt_state))
+    state, _ = step(state, sharding.global_batch(batch, mesh))
+    if int(state.nonfinite_steps) > skipped:  # a skipped step leaves the state as it was
+      skipped += 1
+      jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before[0])
+      jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.opt_state), before[1])
+  assert skipped >= 1 and int(state.step) == 3
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
-  assert int(state.nonfinite_steps) >= 1
+
+
+def test_train_step_updates_the_donated_state_in_place():
+  """No copy of a parameter or optimizer-state buffer in the compiled step: each is read and
+  written where it lies (a select between the new and the old state made XLA copy both Adam
+  moments of every parameter before updating them)."""
+  config = tiny('gpt_causal', on_nonfinite='skip')
+  batch = synthetic_batch('gpt_causal')
+  mesh = sharding.make_mesh(config, None)
+  model, optimizer = variants.build_model(config, VOCAB), optim.make_optimizer(config)
+  abstract, shardings = train.abstract_state(model, optimizer, config, batch, mesh)
+  step = train.jit_train_step(model, optimizer, config, mesh, shardings)
+  hlo = step.lower(abstract, sharding.global_batch(batch, mesh)).compile().as_text()
+  entry = hlo[hlo.index('\nENTRY'):]
+  copied = re.findall(r'= (f32\[[\d,]+\])\{[\d,]*\} copy\(', entry)
+  state_shapes = {f'f32[{",".join(map(str, x.shape))}]' for x in jax.tree.leaves(abstract.params)
+                  if x.ndim}
+  assert not [shape for shape in copied if shape in state_shapes], copied
 
 
 @pytest.mark.parametrize('variant', list(CONFIGS))

@@ -113,16 +113,21 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, config):
   grads = jax.tree.map(lambda g: g / jnp.maximum(metrics['weight'], 1.0), grad_sum)
   grad_norm = optax.tree.norm(grads)
 
-  updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
   finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
-  keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+  # A branch rather than a select between the new and the old state: with a select, XLA copied
+  # both Adam moments of every parameter each step (it reads the old moments after writing the
+  # new ones in place); the branch updates the donated buffers where they lie.
+  def update(operands):
+    params, opt_state, _ = operands
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new_opt_state, new_memory
+
+  params, opt_state, memory = jax.lax.cond(finite, update, lambda operands: operands,
+                                           (state.params, state.opt_state, state.memory))
   bad = jnp.logical_not(finite)
   new_state = state.replace(
-      step=state.step + 1,
-      params=keep_if_finite(new_params, state.params),
-      opt_state=keep_if_finite(new_opt_state, state.opt_state),
-      memory=keep_if_finite(new_memory, state.memory),
+      step=state.step + 1, params=params, opt_state=opt_state, memory=memory,
       nonfinite_steps=state.nonfinite_steps + bad.astype(jnp.int32),
       first_nonfinite_step=jnp.where(bad & (state.first_nonfinite_step < 0), state.step,
                                      state.first_nonfinite_step))
