@@ -43,14 +43,18 @@ def synthetic_batch(variant, batch_size=8, length=12, seed=0):
   return batch
 
 
-def run_steps(config, batch, num_steps, devices=None):
-  """Trains num_steps on `batch` over a mesh of `devices`; returns (state, losses)."""
+def initial_state_and_step(config, batch, devices=None):
+  """(mesh, initial sharded state, jitted train step) for `config` over `devices`."""
   mesh = sharding.make_mesh(config, devices)
-  model = variants.build_model(config, VOCAB)
-  optimizer = optim.make_optimizer(config)
+  model, optimizer = variants.build_model(config, VOCAB), optim.make_optimizer(config)
   _, shardings = train.abstract_state(model, optimizer, config, batch, mesh)
   state = train.create_state(model, optimizer, config, batch, shardings)
-  step = train.jit_train_step(model, optimizer, config, mesh, shardings)
+  return mesh, state, train.jit_train_step(model, optimizer, config, mesh, shardings)
+
+
+def run_steps(config, batch, num_steps, devices=None):
+  """Trains num_steps on `batch` over a mesh of `devices`; returns (state, losses)."""
+  mesh, state, step = initial_state_and_step(config, batch, devices)
   global_batch = sharding.global_batch(batch, mesh)
   losses = []
   for _ in range(num_steps):
@@ -168,11 +172,7 @@ def test_nonfinite_update_is_skipped_and_counted():
   config = tiny('gpt_causal', on_nonfinite='skip', learning_rate=1e30, schedule='constant',
                 warmup_steps=1, grad_clip_norm=0.0)
   batch = synthetic_batch('gpt_causal')
-  mesh = sharding.make_mesh(config, None)
-  model, optimizer = variants.build_model(config, VOCAB), optim.make_optimizer(config)
-  _, shardings = train.abstract_state(model, optimizer, config, batch, mesh)
-  state = train.create_state(model, optimizer, config, batch, shardings)
-  step = train.jit_train_step(model, optimizer, config, mesh, shardings)
+  mesh, state, step = initial_state_and_step(config, batch)
   skipped = 0
   for _ in range(3):  # the first update (rate 1e30) makes the next loss non-finite
     before = jax.device_get((state.params, state.opt_state))
@@ -191,14 +191,11 @@ def test_train_step_updates_the_donated_state_in_place():
   moments of every parameter before updating them)."""
   config = tiny('gpt_causal', on_nonfinite='skip')
   batch = synthetic_batch('gpt_causal')
-  mesh = sharding.make_mesh(config, None)
-  model, optimizer = variants.build_model(config, VOCAB), optim.make_optimizer(config)
-  abstract, shardings = train.abstract_state(model, optimizer, config, batch, mesh)
-  step = train.jit_train_step(model, optimizer, config, mesh, shardings)
-  hlo = step.lower(abstract, sharding.global_batch(batch, mesh)).compile().as_text()
+  mesh, state, step = initial_state_and_step(config, batch)
+  hlo = step.lower(state, sharding.global_batch(batch, mesh)).compile().as_text()
   entry = hlo[hlo.index('\nENTRY'):]
   copied = re.findall(r'= (f32\[[\d,]+\])\{[\d,]*\} copy\(', entry)
-  state_shapes = {f'f32[{",".join(map(str, x.shape))}]' for x in jax.tree.leaves(abstract.params)
+  state_shapes = {f'f32[{",".join(map(str, x.shape))}]' for x in jax.tree.leaves(state.params)
                   if x.ndim}
   assert not [shape for shape in copied if shape in state_shapes], copied
 
