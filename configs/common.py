@@ -102,6 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.hf_tokenizer_dir = config_dict.placeholder(str)  # tokenizer=huggingface: its folder.
   c.vocab_size = 8000  # Sentencepiece vocabulary size (joint source+target for translation).
   c.spm_model_type = 'bpe'  # Sentencepiece algorithm: bpe | unigram.
+  c.subword_split_rate = 0.0  # Training only: each token is split into the two pieces BPE merged
+  # to make it with this probability, and each half again (subword regularisation like
+  # BPE-dropout's; needs spm_model_type=bpe, not gpt_causal's windows). 0: off.
   c.max_source_len = 64  # Source tokens kept (longer examples are filtered and counted).
   c.max_target_len = 64  # Target tokens kept, before bos/eos.
   c.block_size = 128  # Sequence length of language-model examples (gpt_causal, bert_mlm).

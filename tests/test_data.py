@@ -282,7 +282,8 @@ def test_prefix_lm_batches(data_dir, spm_tokenizer, encoded_train_pairs):
 
 VARIANTS = [(original, {}), (original, {'packing': True}), (bert_mlm, {}),
             (bert_mlm, {'packing': True}), (unilm_prefix, {}),
-            (gpt_causal, {}), (original, {'packing': True, 'worker_count': 2})]
+            (gpt_causal, {}), (original, {'packing': True, 'worker_count': 2}),
+            (original, {'packing': True, 'subword_split_rate': 0.2})]
 
 
 def assert_same(batches_a, batches_b):
@@ -295,6 +296,7 @@ def assert_same(batches_a, batches_b):
 @pytest.mark.parametrize('module,overrides', VARIANTS,
                          ids=[f'{m.__name__.split(".")[-1]}{"-packed" if o.get("packing") else ""}'
                               f'{"-workers" if o.get("worker_count") else ""}'
+                              f'{"-subword_splits" if o.get("subword_split_rate") else ""}'
                               for m, o in VARIANTS])
 def test_same_seed_same_batches_and_exact_resume(small_corpus_dir, module, overrides):
   if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags, as under app.run.
@@ -315,6 +317,19 @@ def test_same_seed_same_batches_and_exact_resume(small_corpus_dir, module, overr
   config.shuffle_buffer_seed = 1
   other = next(data.make_train_iterator(config, tokenizer))
   assert not np.array_equal(other['inputs'], uninterrupted[0]['inputs'])
+
+
+def test_subword_splits_change_the_training_segmentation_not_the_text(small_corpus_dir):
+  plain = small_config(original, small_corpus_dir)
+  split = small_config(original, small_corpus_dir, subword_split_rate=0.3)
+  tokenizer = data.get_tokenizer(plain)
+  batches = [take(data.make_train_iterator(c, tokenizer), 3) for c in (plain, split)]
+  for key in ('inputs', 'decoder_inputs'):
+    rows = [[tokenizer.decode(row) for b in run for row in b[key]] for run in batches]
+    assert rows[0] == rows[1]
+    lengths = [sum((b[key] != 0).sum() for b in run) for run in batches]
+    assert lengths[1] > 1.1 * lengths[0], lengths
+  assert_same(data.make_eval_batches(split, tokenizer), data.make_eval_batches(plain, tokenizer))
 
 
 @pytest.fixture

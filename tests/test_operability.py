@@ -119,6 +119,12 @@ def resumable(trained, tmp_path) -> str:
     (dict(scan_layers=True, share_layers=True), 'config.share_layers has one for all'),
     (dict(attention_impl='cudnn', attention_dropout_rate=0.1),
      'config.attention_impl=cudnn (jax.nn.dot_product_attention) applies no attention dropout'),
+    (dict(subword_split_rate=1.0), 'config.subword_split_rate=1.0 must be 0 (off) or between'),
+    (dict(subword_split_rate=0.1, spm_model_type='unigram'),
+     'config.subword_split_rate=0.1 needs a BPE vocabulary (config.tokenizer=sentencepiece, '
+     'config.spm_model_type=bpe), not tokenizer=sentencepiece, spm_model_type=unigram'),
+    (dict(subword_split_rate=0.1, variant='gpt_causal'),
+     'not the windows of block_size tokens that config.variant=gpt_causal reads'),
 ], ids=lambda x: ','.join(x) if isinstance(x, dict) else None)
 def test_config_mistakes_are_named_without_devices(overrides, expected):
   with pytest.raises(errors.ConfigError, match=re.escape(expected)):

@@ -100,6 +100,8 @@ def _problems(config) -> list[str]:
                     'attention_impl=xla.')
   if config.memory_length:
     problems.extend(_memory_problems(config))
+  if config.subword_split_rate:
+    problems.extend(_subword_split_problems(config))
   if config.scan_layers and config.share_layers:
     problems.append('config.scan_layers stacks one set of parameters per layer; '
                     'config.share_layers has one for all: choose one.')
@@ -139,6 +141,21 @@ def _memory_problems(config) -> list[str]:
   if config.scan_layers:
     needs.append('config.scan_layers=False (each layer reads a memory of its own)')
   return [f'{field} (Transformer-XL) needs {need}.' for need in needs]
+
+
+def _subword_split_problems(config) -> list[str]:
+  """What splitting tokens into BPE's merged halves (config.subword_split_rate) needs."""
+  field = f'config.subword_split_rate={config.subword_split_rate}'
+  if not 0 < config.subword_split_rate < 1:
+    return [f'{field} must be 0 (off) or between 0 and 1.']
+  needs = []
+  if (config.tokenizer, config.spm_model_type) != ('sentencepiece', 'bpe'):
+    needs.append('a BPE vocabulary (config.tokenizer=sentencepiece, config.spm_model_type=bpe), '
+                 f'not tokenizer={config.tokenizer}, spm_model_type={config.spm_model_type}')
+  if config.variant in variants.VARIANTS and variants.get(config.variant).data == 'causal_lm':
+    needs.append('a variant whose examples are sentences, not the windows of block_size '
+                 f'tokens that config.variant={config.variant} reads')
+  return [f'{field} needs {need}.' for need in needs]
 
 
 def _lengths(lengths: dict[str, int]) -> str:

@@ -21,10 +21,11 @@ import grain
 import numpy as np
 
 from transformer import errors, variants
-from transformer.data import builders, prepared
+from transformer.data import builders, prepared, subword_sampling
 from transformer.data.tokenizer import (BOS_ID, CLS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, SEP_ID,
                                         Tokenizer)
 
+SPLITS_SEED_PURPOSE = 1  # _process_seed's purpose for subword splits (masking has none).
 Example = tuple[np.ndarray, ...]  # Token ids of one example: (source, target), (tokens,), ...
 Features = dict[str, np.ndarray]
 
@@ -298,7 +299,14 @@ def make_train_iterator(config, tokenizer: Tokenizer, *, process_index: int = 0,
     usable = len(examples) - len(examples) % process_count  # Equal shards: lockstep epochs.
     ds = grain.MapDataset.source(examples)[process_index:usable:process_count]
     ds = ds.shuffle(seed=config.shuffle_buffer_seed).repeat()  # The shuffle reseeds each epoch.
-  if objective.random:  # The rng depends on the position in the stream: fresh masks each epoch.
+  # Each random_map's rng depends on the position in the stream: fresh draws every epoch.
+  if config.subword_split_rate:
+    pieces, scores = tokenizer.pieces_and_scores()
+    split = functools.partial(subword_sampling.split_example, rate=config.subword_split_rate,
+                              table_Vx2=subword_sampling.merge_table(pieces, scores),
+                              max_lens=objective.recipe(True).max_lens)
+    ds = ds.random_map(split, seed=_process_seed(config, process_index, SPLITS_SEED_PURPOSE))
+  if objective.random:
     ds = ds.random_map(objective.features, seed=_process_seed(config, process_index))
   else:
     ds = ds.map(objective.features)
@@ -322,9 +330,10 @@ def make_train_iterator(config, tokenizer: Tokenizer, *, process_index: int = 0,
   return iter(ds)
 
 
-def _process_seed(config, process_index: int) -> int:
-  """Masking seed: from the data seed, distinct per process (different data, different masks)."""
-  sequence = np.random.SeedSequence([config.shuffle_buffer_seed, process_index])
+def _process_seed(config, process_index: int, *purpose: int) -> int:
+  """Seed of a random draw: from the data seed, distinct per process (different data, different
+  draws) and per purpose (masking: none; subword splits: SPLITS_SEED_PURPOSE)."""
+  sequence = np.random.SeedSequence([config.shuffle_buffer_seed, process_index, *purpose])
   return int(sequence.generate_state(1)[0])
 
 

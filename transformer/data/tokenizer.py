@@ -81,6 +81,12 @@ class SentencePieceTokenizer(Tokenizer):
   def fingerprint(self):
     return builders.file_sha256(self.model_path)
 
+  def pieces_and_scores(self) -> tuple[list[str], list[float]]:
+    """Every piece of the vocabulary and its score, by id (BPE: merge k scores -k)."""
+    size = self._sp.get_piece_size()
+    return ([self._sp.id_to_piece(i) for i in range(size)],
+            [self._sp.get_score(i) for i in range(size)])
+
   def _decode(self, ids):
     return self._sp.decode(ids)
 
