@@ -19,8 +19,8 @@ SIZES = dict(
     # original:small's recipe and parameter count in one stack: a seventh layer brings the
     # parameters level with the encoder-decoder's (7.57 M each with the 8k vocabulary), so the
     # two compare at equal parameters, tokens and steps.
-    small=dict(SMALL_PAPER, num_layers=7, pre_ln=True, dropout_rate=0.2, schedule='cosine',
-               learning_rate=2e-3, num_train_steps=3000, eval_every_steps=1000,
+    small=dict(SMALL_PAPER, num_layers=7, pre_ln=True, positional='rotary', dropout_rate=0.2,
+               schedule='cosine', learning_rate=2e-3, num_train_steps=3000, eval_every_steps=1000,
                checkpoint_every_steps=250, max_checkpoints_to_keep=4,
                average_last_checkpoints=4),
     small_paper=SMALL_PAPER,

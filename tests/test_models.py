@@ -236,8 +236,9 @@ def test_unilm_prefix_small_matches_original_small_in_parameters_and_steps():
   assert count_params(unilm, 8000) == unilm_params == 7_570_176
   assert count_params(encdec, 8000) == encdec_params == 7_569_408
   assert abs(unilm_params - encdec_params) / encdec_params < 1e-3
-  recipe = ('num_train_steps', 'batch_size', 'packing', 'pre_ln', 'dropout_rate', 'schedule',
-            'learning_rate', 'warmup_steps', 'label_smoothing', 'average_last_checkpoints')
+  recipe = ('num_train_steps', 'batch_size', 'packing', 'pre_ln', 'positional', 'dropout_rate',
+            'schedule', 'learning_rate', 'warmup_steps', 'label_smoothing',
+            'average_last_checkpoints')
   assert [unilm[f] for f in recipe] == [encdec[f] for f in recipe]
 
 
